@@ -1,0 +1,219 @@
+"""The frozen backbone and the frozen form module, behind one uniform view.
+
+Two families are supported (DESIGN.md "Backbones"):
+- decoder-only causal LMs with the Llama layer layout (`model.model.layers[i].mlp`), e.g. SmolLM2;
+- T5 encoder-decoder (`T5ForConditionalGeneration`).
+
+Methods never look inside the HF model: they see `d_model`, the *sites* where the per-instance
+contract acts, and `embed()`.
+- `block_sites`: blocks whose output hidden state IP modulates (h ← h + h∘I; seed 000 eq 3): every
+  decoder block of T5 (§3.4), every layer of a decoder-only model (§A.5).
+- `encoder_ffns` / `decoder_ffns`: FFN sub-layers that take parallel adapters (PHA eq 8). The FFN
+  module's input is already LN(x), so `FFN(LN x) + A(LN x)` is "FFN output + adapter(FFN input)".
+  On T5 these are the encoder and decoder FFNs; on a decoder-only model the lower half of the layers
+  plays the encoder (task-shared adapters) and the upper half the decoder (generated adapters).
+- `feature_site`: the module whose output is the "last encoder layer" state that PHA's retriever
+  pools (seed 003 §3.1): T5's encoder final norm, or the last layer of the lower half.
+
+The backbone is frozen (`eval()`, no grads) and never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5ForConditionalGeneration,
+)
+
+from server.errors import Incompatible
+
+Kind = Literal["decoder", "seq2seq"]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """Stable id of config + weights, independent of the dtype the model was loaded in.
+
+    Hashes the config and a strided sample of every tensor rounded to bf16, so the same
+    checkpoint loaded in fp32 on CPU and bf16 on GPU shares one store, and any retrained or
+    different checkpoint gets another id. Costs milliseconds, not a pass over all weights.
+    """
+    config = model.config.to_dict()
+    for volatile in ("torch_dtype", "dtype", "transformers_version", "_name_or_path", "architectures"):
+        config.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        sample = flat[::stride].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Backbone:
+    """A frozen LM plus the sites the per-instance contract acts on."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    kind: Kind
+    block_sites: list[nn.Module]
+    encoder_ffns: list[nn.Module]
+    decoder_ffns: list[nn.Module]
+    feature_site: nn.Module
+    fingerprint: str
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Backbone:
+        """Wrap an already loaded HF model (tests build tiny random ones this way)."""
+        freeze(model)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if isinstance(model, T5ForConditionalGeneration):
+            enc, dec = list(model.encoder.block), list(model.decoder.block)
+            return cls(
+                model=model,
+                tokenizer=tokenizer,
+                kind="seq2seq",
+                block_sites=dec,
+                encoder_ffns=[block.layer[-1].DenseReluDense for block in enc],
+                decoder_ffns=[block.layer[-1].DenseReluDense for block in dec],
+                feature_site=model.encoder.final_layer_norm,
+                fingerprint=fingerprint(model),
+            )
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
+            raise Incompatible(
+                f"backbone: {type(model).__name__} has neither the T5 nor the Llama layer layout "
+                "(expected model.model.layers[i].mlp)"
+            )
+        layers = list(layers)
+        split = len(layers) // 2
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            kind="decoder",
+            block_sites=layers,
+            encoder_ffns=[layer.mlp for layer in layers[:split]],
+            decoder_ffns=[layer.mlp for layer in layers[split:]],
+            feature_site=layers[split - 1],
+            fingerprint=fingerprint(model),
+        )
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.kind == "seq2seq"
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.d_model if self.is_encoder_decoder else self.model.config.hidden_size
+
+    @property
+    def n_layers(self) -> int:
+        """Number of blocks whose hidden states IP modulates (n_2 in seed 000)."""
+        return len(self.block_sites)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [..., n] -> input embeddings [..., n, d_model] (T5 applies no scaling)."""
+        return self.embedding(ids)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> token ids as the backbone expects them (T5: with </s>)."""
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode_target(self, text: str) -> list[int]:
+        """A label verbalizer or target text -> the ids the model must produce after the prompt.
+        T5 targets end in </s>; decoder-only targets are the bare continuation tokens."""
+        if self.is_encoder_decoder:
+            return self.encode(text)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class FormModule:
+    """IP's form module f on decoder-only backbones: a frozen sentence encoder (seed 000 §3.3,
+    §A.5) whose per-layer mean-pooled states feed IP's task-embedding network."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int = 256
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def layer_states(self, texts: list[str]) -> torch.Tensor:
+        """texts -> per-layer masked mean-pooled states v_1..v_{n1}: [n1, batch, d1] (fp32)."""
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.model.device)
+        out = self.model(**enc, output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states[1:])  # [n1, batch, seq, d1]; [0] is the embeddings
+        return masked_mean(hidden, enc["attention_mask"]).float()
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens only: hidden [..., batch, seq, d], mask [batch, seq] -> [..., batch, d]."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # [batch, seq, 1]
+    return (hidden * weights).sum(-2) / weights.sum(-2).clamp(min=1.0)
+
+
+def load_backbone(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load a backbone from a local HF folder (or a hub id when the hub is reachable)."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.is_encoder_decoder:
+        model = T5ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return Backbone.from_model(model.to(device), tokenizer)
+
+
+def load_form_module(name_or_path: str, *, device: str | torch.device = "cpu") -> FormModule:
+    """Load the frozen sentence encoder used as IP's form module (kept in fp32: it is small)."""
+    model = freeze(AutoModel.from_pretrained(name_or_path, dtype=torch.float32)).to(device)
+    return FormModule(model=model, tokenizer=AutoTokenizer.from_pretrained(name_or_path))

@@ -1,0 +1,328 @@
+"""The engine: one frozen backbone, many tasks, ONE forward per mixed-task batch.
+
+Three verbs (house style 4):
+- `schedule(requests)`: validate, render each row with its task's template (and description for
+  IP), tokenize, group rows by method — no torch work beyond lookups;
+- `execute(plan)`: methods fill one BatchContext (prefixes, hidden scales, adapters), the runner
+  does the first pass (decoder-only prompt pass / T5 encoder), IP's form states arrive, then
+  rank-classification scores for classification rows and greedy generation for generative rows;
+- `complete(plan, out)`: turn scores and token ids into results.
+`loss(examples)` runs the same path with gradients flowing into method parameters only.
+
+Per-task tensors that do not depend on the input (soft prompts, PHA's generated adapters) are
+computed once per task version (`Method.static`) and cached on the device; per-instance ones
+(ATTEMPT's attention, IP's task embedding) are computed in the batch. There is no Python loop over
+tasks in the forward: rows carry their task as an index and methods gather per row.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from server.backbone import Backbone, FormModule, masked_mean
+from server.batch import BatchContext, pack_rows
+from server.data.spec import TaskSpec
+from server.errors import InputTooLong, InvalidRequest, NotFound
+from server.hooks import ContextHooks
+from server.methods import BackboneDims, Method, RowGroup, method_class
+from server.runners import DecoderRunner, Encoded, Seq2SeqRunner, pad_ids
+from server.task import Task
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_input_tokens: int = 1024
+    """Longest rendered input (prefix excluded) in tokens; longer requests get a 413."""
+    max_new_tokens: int = 256
+    """Upper bound on any request's max_new_tokens."""
+    length_multiple: int = 8
+    """Sequence lengths are padded up to a multiple of this so shapes fall into buckets."""
+
+
+@dataclass(frozen=True)
+class Request:
+    task: str
+    text: str
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """A training row: `target` is a label verbalizer or a target text."""
+
+    task: str
+    text: str
+    target: str
+
+
+@dataclass
+class Result:
+    task: str
+    task_version: int
+    output: str
+    label: str | None = None
+    scores: dict[str, float] | None = None
+    """Per-label probability (softmax over the labels' scores under the task's scoring rule)."""
+
+
+@dataclass
+class Plan:
+    """A scheduled batch: rows in request order, grouped by method."""
+
+    tasks: list[Task]
+    prompt_ids: list[list[int]]
+    form_texts: list[str]
+    max_new: list[int]
+    groups: dict[str, list[int]] = field(default_factory=dict)  # method id -> rows
+
+
+@dataclass
+class Output:
+    label_scores: dict[int, Tensor]  # row -> [n_labels] scores under the task's rule
+    generated: dict[int, list[int]]  # row -> token ids
+
+
+def default_methods(backbone: Backbone, form: FormModule | None, **configs: Any) -> dict[str, nn.Module]:
+    """Every registered method with default (or given) configs, shared state freshly initialised."""
+    from server.methods.base import REGISTRY
+
+    dims = backbone_dims(backbone, form)
+    embedding = backbone.embedding.weight
+    methods: dict[str, nn.Module] = {}
+    for method_id, cls in REGISTRY.items():
+        kwargs: dict[str, Any] = {}
+        if method_id in configs:
+            kwargs["config"] = configs[method_id]
+        if "embedding" in cls.__init__.__code__.co_varnames:
+            kwargs["embedding"] = embedding
+        methods[method_id] = cls(dims, **kwargs)
+    return methods
+
+
+def backbone_dims(backbone: Backbone, form: FormModule | None) -> BackboneDims:
+    if backbone.is_encoder_decoder:  # the encoder is the form module (seed 000 §3.3)
+        form_layers, form_dim = backbone.model.config.num_layers, backbone.d_model
+    elif form is not None:
+        form_layers, form_dim = form.n_layers, form.d_model
+    else:
+        form_layers, form_dim = 1, backbone.d_model  # no form module: IP cannot be served (checked on use)
+    return BackboneDims(
+        d_model=backbone.d_model,
+        n_blocks=backbone.n_layers,
+        n_encoder_ffns=len(backbone.encoder_ffns),
+        n_decoder_ffns=len(backbone.decoder_ffns),
+        form_layers=form_layers,
+        form_dim=form_dim,
+    )
+
+
+class Engine:
+    def __init__(
+        self,
+        backbone: Backbone,
+        form: FormModule | None = None,
+        methods: dict[str, nn.Module] | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.backbone, self.form, self.config = backbone, form, config or EngineConfig()
+        self.dims = backbone_dims(backbone, form)
+        self.methods = nn.ModuleDict(methods if methods is not None else default_methods(backbone, form))
+        self.methods.to(backbone.device)  # method weights stay fp32; their outputs are cast per batch
+        self.hooks = ContextHooks(backbone)
+        runner_cls = Seq2SeqRunner if backbone.is_encoder_decoder else DecoderRunner
+        self.runner = runner_cls(backbone, self.hooks, self.config.length_multiple)
+        self.tasks: dict[str, Task] = {}
+        self._static: dict[tuple[str, int], dict[str, Tensor]] = {}
+        self._targets: dict[tuple[str, int], list[list[int]]] = {}
+        self._lock = threading.RLock()  # add/remove vs. a batch being scheduled on another thread
+
+    # ---- task lifecycle (idempotent) -------------------------------------------------------
+    def method(self, method_id: str) -> Method:
+        if method_id not in self.methods:
+            method_class(method_id)  # raises InvalidRequest naming the known ids
+            raise InvalidRequest(f"method: {method_id!r} is not loaded in this engine")
+        return self.methods[method_id]  # type: ignore[return-value]
+
+    def new_task(self, name: str, method: str, spec: TaskSpec, *, init: dict[str, Any] | None = None, seed: int = 0, version: int = 1) -> Task:
+        """A fresh task (not yet added): per-task params from the method's initialisation."""
+        m = self.method(method)
+        if method == "ip" and not self.backbone.is_encoder_decoder and self.form is None:
+            raise InvalidRequest("method: ip on a decoder-only backbone needs a form module")
+        generator = torch.Generator().manual_seed(seed)
+        params, meta = m.init_task(spec, self.backbone.embedding.weight, generator, init or {})
+        return Task(name=name, method=method, spec=spec, params=params, version=version, meta=meta)
+
+    def add_task(self, task: Task) -> None:
+        """Make `task` servable; a newer version replaces the old one atomically."""
+        method = self.method(task.method)
+        task.params.to(self.backbone.device)
+        with torch.no_grad():
+            static = {k: v.detach() for k, v in method.static(task).items()}
+        targets = [self.backbone.encode_target(label) for label in task.spec.labels]
+        if any(not t for t in targets):
+            raise InvalidRequest(f"labels: a label of task {task.name!r} encodes to no tokens")
+        with self._lock:
+            old = self.tasks.get(task.name)
+            self._static[task.key], self._targets[task.key] = static, targets
+            self.tasks[task.name] = task
+            if old is not None and old.key != task.key:
+                self._static.pop(old.key, None)
+                self._targets.pop(old.key, None)
+
+    def remove_task(self, name: str) -> None:
+        with self._lock:
+            task = self.tasks.pop(name, None)
+            if task is not None:
+                self._static.pop(task.key, None)
+                self._targets.pop(task.key, None)
+
+    # ---- schedule → execute → complete -----------------------------------------------------
+    def run(self, requests: list[Request]) -> list[Result]:
+        plan = self.schedule(requests)
+        return self.complete(plan, self.execute(plan))
+
+    def schedule(self, requests: list[Request]) -> Plan:
+        if not requests:
+            raise InvalidRequest("inputs: at least one row is required")
+        with self._lock:
+            tasks = [self._task(r.task) for r in requests]
+        plan = Plan(tasks=tasks, prompt_ids=[], form_texts=[], max_new=[])
+        for row, (req, task) in enumerate(zip(requests, tasks)):
+            text = self.method(task.method).render(task.spec, req.text)
+            ids = self.backbone.encode(text)
+            if len(ids) > self.config.max_input_tokens:
+                raise InputTooLong(f"text: {len(ids)} tokens after the {task.name!r} template, limit {self.config.max_input_tokens}")
+            max_new = req.max_new_tokens or task.spec.max_new_tokens
+            if not 1 <= max_new <= self.config.max_new_tokens:
+                raise InvalidRequest(f"max_new_tokens: must be in [1, {self.config.max_new_tokens}]")
+            plan.prompt_ids.append(ids)
+            plan.form_texts.append(text)
+            plan.max_new.append(max_new)
+            plan.groups.setdefault(task.method, []).append(row)
+        return plan
+
+    def _task(self, name: str) -> Task:
+        task = self.tasks.get(name)
+        if task is None:
+            raise NotFound(f"task {name!r} does not exist")
+        return task
+
+    @torch.no_grad()
+    def execute(self, plan: Plan) -> Output:
+        enc, ctx, _ = self._encode(plan, live=False)
+        return self._read_out(plan, enc, ctx)
+
+    def complete(self, plan: Plan, out: Output) -> list[Result]:
+        results = []
+        for row, task in enumerate(plan.tasks):
+            if row in out.label_scores:
+                probs = out.label_scores[row].softmax(-1).tolist()
+                best = max(range(len(probs)), key=probs.__getitem__)
+                label = task.spec.labels[best]
+                results.append(Result(task.name, task.version, label, label, dict(zip(task.spec.labels, probs))))
+            else:
+                text = self.backbone.tokenizer.decode(out.generated[row], skip_special_tokens=True)
+                results.append(Result(task.name, task.version, text))
+        return results
+
+    # ---- the shared forward path ------------------------------------------------------------
+    def _encode(self, plan: Plan, *, live: bool, capture: bool = False) -> tuple[Encoded, BatchContext, dict[str, RowGroup]]:
+        """Methods fill the context, then the first pass runs. `live` recomputes static per-task
+        tensors with gradients (training) instead of using the cache."""
+        device = self.backbone.device
+        ids, lengths = pad_ids(plan.prompt_ids, self.backbone.pad_id, device)
+        token_embeds = self.backbone.embed(ids)  # [b, n, d], real tokens first
+        token_mask = (torch.arange(ids.shape[1], device=device) < lengths.unsqueeze(1)).long()
+        ctx = BatchContext(len(plan.tasks), self.backbone.d_model, self.backbone.n_layers, device, self.backbone.dtype, capture_features=capture)
+        groups: dict[str, RowGroup] = {}
+        for method_id, rows in plan.groups.items():
+            method = self.method(method_id)
+            distinct = list(dict.fromkeys(plan.tasks[r] for r in rows))
+            slot_of = {id(t): i for i, t in enumerate(distinct)}
+            index = torch.tensor(rows, device=device)
+            group = RowGroup(
+                rows=index,
+                tasks=distinct,
+                task_slot=torch.tensor([slot_of[id(plan.tasks[r])] for r in rows], device=device),
+                statics=[method.static(t) if live else self._static[t.key] for t in distinct],
+                embeds=token_embeds[index],
+                mask=token_mask[index],
+                peers=[t for t in self.tasks.values() if t.method == method_id],
+            )
+            method.modulate(group, ctx)
+            groups[method_id] = group
+        form_groups = {m: g for m, g in groups.items() if self.method(m).uses_form}
+        if form_groups and not self.backbone.is_encoder_decoder:
+            for method_id, group in form_groups.items():
+                form = self.form.layer_states([plan.form_texts[r] for r in group.rows.tolist()])  # [n1, g, d1]
+                self.method(method_id).modulate_from_form(group, ctx, form.to(device))
+        ctx.assemble()
+        embeds, mask = pack_rows(ctx.prefix, ctx.prefix_len, token_embeds, lengths, left_pad=self.runner.left_pad, multiple=self.config.length_multiple)
+        enc = self.runner.encode(embeds, mask, ctx, want_form=bool(form_groups) and self.backbone.is_encoder_decoder)
+        if enc.form is not None:  # T5: the encoder pass just produced IP's form states
+            for method_id, group in form_groups.items():
+                self.method(method_id).modulate_from_form(group, ctx, enc.form[:, group.rows])
+            ctx.assemble()
+        if capture and ctx.features is not None:
+            pooled = masked_mean(ctx.features, enc.mask)  # [b, d]
+            for group in groups.values():
+                group.features = pooled[group.rows]
+        return enc, ctx, groups
+
+    def _read_out(self, plan: Plan, enc: Encoded, ctx: BatchContext) -> Output:
+        device = self.backbone.device
+        pair_row, pair_target, spans = [], [], {}
+        gen_rows = []
+        for row, task in enumerate(plan.tasks):
+            if not task.spec.is_classification:
+                gen_rows.append(row)
+                continue
+            targets = self._targets[task.key]
+            if task.spec.scoring == "first":
+                targets = [t[:1] for t in targets]
+            spans[row] = (len(pair_row), len(targets))
+            pair_row += [row] * len(targets)
+            pair_target += targets
+        scores: dict[int, Tensor] = {}
+        if pair_row:
+            logp = self.runner.label_logprobs(enc, ctx, torch.tensor(pair_row, device=device), pair_target)  # [p, n]
+            total = logp.sum(-1)  # [p]
+            lengths = torch.tensor([len(t) for t in pair_target], device=device)
+            for row, (start, count) in spans.items():
+                s = total[start : start + count]
+                if plan.tasks[row].spec.scoring == "mean":
+                    s = s / lengths[start : start + count]
+                scores[row] = s.float().cpu()
+        generated: dict[int, list[int]] = {}
+        if gen_rows:
+            rows = torch.tensor(gen_rows, device=device)
+            max_new = torch.tensor([plan.max_new[r] for r in gen_rows], device=device)
+            generated = dict(zip(gen_rows, self.runner.generate(enc, ctx, rows, max_new)))
+        return Output(scores, generated)
+
+    # ---- training ---------------------------------------------------------------------------
+    def loss(self, examples: list[Example]) -> dict[str, Tensor]:
+        """Teacher-forced mean token cross-entropy of the targets plus the methods' extra losses
+        (PHA eq 9). Gradients reach method and task parameters only: the backbone is frozen."""
+        plan = self.schedule([Request(e.task, e.text) for e in examples])
+        targets = []
+        for e, task in zip(examples, plan.tasks):
+            ids = self.backbone.encode_target(e.target)
+            if not task.spec.is_classification and not self.backbone.is_encoder_decoder:
+                ids = ids + [self.backbone.eos_id]  # teach generative tasks to stop
+            targets.append(ids)
+        capture = any(self.method(m).wants_features for m in plan.groups)
+        enc, ctx, groups = self._encode(plan, live=True, capture=capture)
+        rows = torch.arange(len(examples), device=self.backbone.device)
+        logp = self.runner.label_logprobs(enc, ctx, rows, targets)  # [b, n]
+        count = sum(len(t) for t in targets)
+        lm = -logp.sum() / count
+        extra = [x for m, g in groups.items() if (x := self.method(m).extra_loss(g)) is not None]
+        aux = torch.stack(extra).sum() if extra else lm.new_zeros(())
+        return {"loss": lm + aux, "lm": lm, "aux": aux}

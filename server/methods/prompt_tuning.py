@@ -1,0 +1,63 @@
+"""Prompt tuning (Lester et al., 2021): a per-task soft prompt P ∈ R^{m×d} prepended to the input.
+
+max_P p_θ(y | [P; X])  — eq 1 of seed 002 (ATTEMPT restates it). On T5 the prompt goes in front of
+the encoder input; on a decoder-only model in front of the prompt tokens. This matches HF PEFT's
+PROMPT_TUNING exactly (DESIGN.md: PEFT prepends the first n rows of its table to the encoder input
+on seq2seq, the decoder is untouched). Parameters per task: m·d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from server.batch import BatchContext
+from server.data.spec import TaskSpec
+from server.errors import InvalidRequest
+from server.methods.base import BackboneDims, Method, RowGroup, register, sample_vocab_rows, stack_prompts
+from server.task import Task
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    n_virtual: int = 100
+    """Soft prompt length m (seed papers: 100)."""
+    init_vocab: int = 5000
+    """Initial rows are sampled from the embeddings of the first `init_vocab` token ids."""
+
+    def __post_init__(self) -> None:
+        if self.n_virtual < 1:
+            raise InvalidRequest("n_virtual: must be >= 1")
+
+
+@register
+class PromptTuning(Method):
+    method_id = "prompt_tuning"
+
+    def __init__(self, dims: BackboneDims, config: PromptConfig | None = None) -> None:
+        super().__init__(dims)
+        self.config = config or PromptConfig()
+
+    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+        if "prompt" in init:  # an explicit prompt, e.g. imported from a PEFT checkpoint
+            prompt = torch.as_tensor(init["prompt"], dtype=torch.float32)
+            if prompt.ndim != 2 or prompt.shape[1] != self.dims.d_model:
+                raise InvalidRequest(f"init.prompt: expected shape [m, {self.dims.d_model}], got {list(prompt.shape)}")
+        elif init:
+            raise InvalidRequest(f"init: prompt_tuning takes only 'prompt', got {sorted(init)}")
+        else:
+            prompt = sample_vocab_rows(embedding, self.config.n_virtual, generator, self.config.init_vocab)
+        return nn.ParameterDict({"prompt": nn.Parameter(prompt)}), {}
+
+    def static(self, task: Task) -> dict[str, Tensor]:
+        return {"prompt": task.params["prompt"]}  # [m, d]
+
+    def modulate(self, group: RowGroup, ctx: BatchContext) -> None:
+        prompts, lengths = stack_prompts([s["prompt"] for s in group.statics], group.task_slot)
+        ctx.add_prefix(group.rows, prompts, lengths)  # [g, m, d]
+
+    def param_count(self) -> dict[str, int]:
+        return {"shared": 0, "per_task": self.config.n_virtual * self.dims.d_model}

@@ -1,0 +1,131 @@
+"""Task Prompt Vectors (seed 001): τ = θ_tuned − θ_init of a soft prompt, and their arithmetic.
+
+- eq 5: τ_t = θ_t − θ_init, the element-wise difference of a tuned soft prompt and its init;
+- eqs 6–7: new prompts from arithmetic on vectors, θ = θ_init + Σ_k λ_k τ_k.
+Arithmetic is only meaningful between vectors that share one θ_init (their *origin*): every vector
+carries its origin id and `TaskVector.__add__` refuses to mix origins (reference code
+kinit-sk/task-prompt-vectors keeps one init per prompt family for the same reason).
+The θ_init of each origin is a seeded sample of vocabulary embeddings, kept as a frozen buffer of
+this method (shared state) and stored with the method's shared artifact.
+Parameters per task: m·d (τ); shared: m·d per origin (frozen, not trained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from server.batch import BatchContext
+from server.data.spec import TaskSpec
+from server.errors import Incompatible, InvalidRequest
+from server.methods.base import BackboneDims, Method, RowGroup, register, sample_vocab_rows, stack_prompts
+from server.task import Task
+
+
+@dataclass(frozen=True)
+class TaskVector:
+    """τ with the id of the θ_init it was measured against."""
+
+    origin: str
+    tau: Tensor  # [m, d]
+
+    def _check(self, other: TaskVector) -> None:
+        if other.origin != self.origin:
+            raise Incompatible(f"task vectors from different origins ({self.origin!r} vs {other.origin!r}) cannot be combined")
+        if other.tau.shape != self.tau.shape:
+            raise Incompatible(f"task vectors of shapes {list(self.tau.shape)} and {list(other.tau.shape)} cannot be combined")
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        self._check(other)
+        return TaskVector(self.origin, self.tau + other.tau)
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        return self + (-other)
+
+    def __neg__(self) -> TaskVector:
+        return TaskVector(self.origin, -self.tau)
+
+    def __mul__(self, weight: float) -> TaskVector:
+        return TaskVector(self.origin, self.tau * weight)
+
+    __rmul__ = __mul__
+
+
+def combine(weighted: list[tuple[TaskVector, float]]) -> TaskVector:
+    """Σ_k λ_k τ_k (seed 001 eqs 6–7); raises Incompatible across origins."""
+    if not weighted:
+        raise InvalidRequest("init.combine: needs at least one task vector")
+    total = weighted[0][0] * weighted[0][1]
+    for vector, weight in weighted[1:]:
+        total = total + vector * weight
+    return total
+
+
+@dataclass(frozen=True)
+class TPVConfig:
+    n_virtual: int = 100
+    """Soft prompt length m (seed 001 uses 100)."""
+    init_vocab: int = 5000
+    """θ_init rows are sampled from the embeddings of the first `init_vocab` token ids."""
+    default_origin: str = "origin-0"
+    """Origin id used when a task names none."""
+    origin_seed: int = 0
+    """Seed of the default origin's θ_init, so every process derives the same one."""
+
+
+@register
+class TaskPromptVectors(Method):
+    method_id = "tpv"
+
+    def __init__(self, dims: BackboneDims, config: TPVConfig | None = None, embedding: Tensor | None = None) -> None:
+        super().__init__(dims)
+        self.config = config or TPVConfig()
+        self.origins = nn.ParameterDict()  # origin id -> θ_init [m, d], frozen
+        if embedding is not None:
+            generator = torch.Generator().manual_seed(self.config.origin_seed)
+            self.add_origin(self.config.default_origin, sample_vocab_rows(embedding, self.config.n_virtual, generator, self.config.init_vocab))
+
+    def add_origin(self, origin: str, theta_init: Tensor) -> None:
+        if origin in self.origins:
+            if not torch.equal(self.origins[origin].detach().cpu(), theta_init.detach().cpu().float()):
+                raise Incompatible(f"origin {origin!r} already exists with a different θ_init")
+            return
+        self.origins[origin] = nn.Parameter(theta_init.float(), requires_grad=False)
+
+    def theta_init(self, origin: str) -> Tensor:
+        if origin not in self.origins:
+            raise Incompatible(f"tpv origin {origin!r} is unknown; known: {sorted(self.origins)}")
+        return self.origins[origin]
+
+    def vector(self, task: Task) -> TaskVector:
+        return TaskVector(task.meta["origin"], task.params["tau"].detach())
+
+    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+        """init = {} (τ = 0: the prompt starts at θ_init) or {"vectors": [(TaskVector, λ), ...]}
+        (τ = Σ λ_k τ_k, seed 001 eq 7) with an optional {"origin": id}."""
+        unknown = set(init) - {"vectors", "origin"}
+        if unknown:
+            raise InvalidRequest(f"init: tpv takes 'vectors' and 'origin', got {sorted(unknown)}")
+        origin = init.get("origin", self.config.default_origin)
+        theta = self.theta_init(origin)
+        if init.get("vectors"):
+            vector = combine(init["vectors"])
+            if vector.origin != origin:
+                raise Incompatible(f"init.vectors have origin {vector.origin!r}, the task asks for {origin!r}")
+            tau = vector.tau.detach().float().cpu().clone()
+        else:
+            tau = torch.zeros_like(theta, device="cpu")
+        return nn.ParameterDict({"tau": nn.Parameter(tau)}), {"origin": origin}
+
+    def static(self, task: Task) -> dict[str, Tensor]:
+        return {"prompt": self.theta_init(task.meta["origin"]) + task.params["tau"]}  # [m, d]
+
+    def modulate(self, group: RowGroup, ctx: BatchContext) -> None:
+        prompts, lengths = stack_prompts([s["prompt"] for s in group.statics], group.task_slot)
+        ctx.add_prefix(group.rows, prompts, lengths)  # [g, m, d]
+
+    def param_count(self) -> dict[str, int]:
+        return {"shared": 0, "per_task": self.config.n_virtual * self.dims.d_model}

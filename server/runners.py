@@ -1,0 +1,179 @@
+"""How one forward runs on each backbone kind. The engine decides *what* to run; a runner knows
+*how* on its architecture: masks, positions, caches.
+
+Decoder-only (left padding, so every row's last real token sits at position t-1):
+- `encode`: ONE prompt pass with a KV cache; logits only for the last position.
+- `label_logprobs`: label token 1 is scored from the prompt's last logits; longer labels go through
+  one extra pass over the label tokens for every (row, label) pair on the row's cached prompt —
+  the prompt is never recomputed per label.
+- `generate`: greedy decoding on the cache.
+T5 (right padding):
+- `encode`: the encoder once (its per-layer states are IP's form-module states, seed 000 §3.3);
+- `label_logprobs`: ONE decoder pass over all (row, label) pairs re-using the encoder output;
+- `generate`: greedy decoding with the cross-attention cache.
+Training uses the same two steps (`encode`, then `label_logprobs` of the targets): teacher forcing
+through the cache gives the same log-likelihoods as one pass over [prompt; target].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from server.backbone import Backbone, masked_mean
+from server.batch import BatchContext
+from server.hooks import ContextHooks
+
+
+@dataclass
+class Encoded:
+    """What the first pass of a batch leaves for scoring and generation."""
+
+    mask: Tensor  # [b, t] long, real positions of prefix + prompt
+    last_logits: Tensor | None = None  # [b, vocab] fp32 (decoder-only)
+    cache: DynamicCache | None = None  # decoder-only prompt cache
+    encoder_states: Tensor | None = None  # [b, t, d] (T5)
+    form: Tensor | None = None  # [n1, b, d] pooled encoder layer states (T5, when asked)
+
+
+def pad_ids(rows: list[list[int]], pad: int, device: torch.device, multiple: int = 1) -> tuple[Tensor, Tensor]:
+    """Ragged id lists -> right-padded ids [b, n] and lengths [b]."""
+    n = max(1, max((len(r) for r in rows), default=1))
+    n = -(-n // multiple) * multiple
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
+
+
+def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """logits [p, n, vocab], targets [p, n] -> log p(target) [p, n] in fp32."""
+    return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class DecoderRunner:
+    left_pad = True
+
+    def __init__(self, backbone: Backbone, hooks: ContextHooks, multiple: int) -> None:
+        self.backbone, self.hooks, self.multiple = backbone, hooks, multiple
+
+    def _forward(self, ctx: BatchContext, **kwargs):
+        with self.hooks.use(ctx):
+            return self.backbone.model(**kwargs)
+
+    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, want_form: bool = False) -> Encoded:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, t]; left padding keeps real positions 0..len-1
+        out = self._forward(ctx, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return Encoded(mask=mask, last_logits=out.logits[:, -1].float(), cache=out.past_key_values)
+
+    @staticmethod
+    def _select_cache(cache: DynamicCache, index: Tensor) -> DynamicCache:
+        selected = DynamicCache()
+        for layer_idx, layer in enumerate(cache.layers):
+            selected.update(layer.keys[index], layer.values[index], layer_idx)
+        return selected
+
+    def _continue(self, enc: Encoded, ctx: BatchContext, index: Tensor, ids: Tensor, id_mask: Tensor, cache: DynamicCache) -> Tensor:
+        """Feed ids [p, n] after the cached prompts of rows `index` [p]; returns logits [p, n, vocab]."""
+        mask = torch.cat([enc.mask[index], id_mask], dim=1)  # [p, t + n]
+        start = enc.mask[index].sum(-1, keepdim=True)  # [p, 1]
+        positions = start + torch.arange(ids.shape[1], device=ids.device)  # [p, n]
+        out = self._forward(ctx.select(index), inputs_embeds=self.backbone.embed(ids), attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        return out.logits
+
+    def label_logprobs(self, enc: Encoded, ctx: BatchContext, pair_row: Tensor, targets: list[list[int]]) -> Tensor:
+        """Per (row, label) pair: log p(y_j | prompt, y_<j) for every label token [p, n_max] (0 past the end)."""
+        ids, lengths = pad_ids(targets, self.backbone.pad_id, pair_row.device)  # [p, n]
+        first = enc.last_logits[pair_row].log_softmax(-1).gather(-1, ids[:, :1])  # [p, 1]
+        if ids.shape[1] == 1:
+            return first
+        rest_ids, _ = pad_ids([t[:-1] for t in targets], self.backbone.pad_id, pair_row.device, self.multiple)
+        rest_mask = (torch.arange(rest_ids.shape[1], device=ids.device) < (lengths - 1).unsqueeze(1)).long()
+        logits = self._continue(enc, ctx, pair_row, rest_ids, rest_mask, self._select_cache(enc.cache, pair_row))
+        rest = _gather_logprobs(logits[:, : ids.shape[1] - 1], ids[:, 1:])  # [p, n-1]
+        valid = torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(1)
+        return torch.cat([first, rest], dim=1).masked_fill(~valid, 0.0)
+
+    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: Tensor) -> list[list[int]]:
+        """Greedy decoding for rows [g], each up to max_new [g] tokens; EOS ends a row (not returned)."""
+        cache = self._select_cache(enc.cache, rows)
+        sub = Encoded(mask=enc.mask[rows], last_logits=enc.last_logits[rows], cache=cache)
+        index = torch.arange(rows.numel(), device=rows.device)
+        sub_ctx = ctx.select(rows)
+        outputs: list[list[int]] = [[] for _ in range(rows.numel())]
+        done = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+        logits = sub.last_logits
+        for step in range(int(max_new.max())):
+            token = logits.argmax(-1)  # [g]
+            done |= token == self.backbone.eos_id
+            for i in (~done).nonzero().flatten().tolist():
+                outputs[i].append(int(token[i]))
+            done |= step + 1 >= max_new
+            if bool(done.all()):
+                break
+            one = torch.ones(rows.numel(), 1, dtype=torch.long, device=rows.device)
+            logits = self._continue(sub, sub_ctx, index, token.unsqueeze(1), one, cache)[:, -1].float()
+            sub.mask = torch.cat([sub.mask, one], dim=1)
+        return outputs
+
+
+
+class Seq2SeqRunner:
+    left_pad = False
+
+    def __init__(self, backbone: Backbone, hooks: ContextHooks, multiple: int) -> None:
+        self.backbone, self.hooks, self.multiple = backbone, hooks, multiple
+        self.start_id = int(backbone.model.config.decoder_start_token_id)
+
+    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, want_form: bool = False) -> Encoded:
+        with self.hooks.use(ctx):
+            out = self.backbone.model.encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=want_form)
+        form = masked_mean(torch.stack(out.hidden_states[1:]), mask) if want_form else None  # [n1, b, d]
+        return Encoded(mask=mask, encoder_states=out.last_hidden_state, form=form)
+
+    def _decode(self, enc: Encoded, ctx: BatchContext, index: Tensor, dec_ids: Tensor, dec_mask: Tensor | None = None, cache=None):
+        with self.hooks.use(ctx.select(index)):
+            return self.backbone.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=enc.encoder_states[index]),
+                attention_mask=enc.mask[index],
+                decoder_input_ids=dec_ids,
+                decoder_attention_mask=dec_mask,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+
+    def _shifted(self, targets: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ids, lengths = pad_ids(targets, self.backbone.pad_id, device, self.multiple)  # [p, n]
+        dec_in = torch.cat([torch.full_like(ids[:, :1], self.start_id), ids[:, :-1]], dim=1)
+        valid = torch.arange(ids.shape[1], device=device) < lengths.unsqueeze(1)
+        return ids, dec_in, valid, lengths
+
+    def label_logprobs(self, enc: Encoded, ctx: BatchContext, pair_row: Tensor, targets: list[list[int]]) -> Tensor:
+        ids, dec_in, valid, _ = self._shifted(targets, pair_row.device)
+        logits = self._decode(enc, ctx, pair_row, dec_in, valid.long()).logits  # [p, n, vocab]
+        n = max(len(t) for t in targets)
+        return _gather_logprobs(logits, ids).masked_fill(~valid, 0.0)[:, :n]
+
+    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: Tensor) -> list[list[int]]:
+        from transformers.cache_utils import EncoderDecoderCache
+
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        token = torch.full((rows.numel(), 1), self.start_id, dtype=torch.long, device=rows.device)
+        outputs: list[list[int]] = [[] for _ in range(rows.numel())]
+        done = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+        for step in range(int(max_new.max())):
+            out = self._decode(enc, ctx, rows, token, cache=cache)
+            cache = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)  # [g, 1]
+            done |= token[:, 0] == self.backbone.eos_id
+            for i in (~done).nonzero().flatten().tolist():
+                outputs[i].append(int(token[i, 0]))
+            done |= step + 1 >= max_new
+            if bool(done.all()):
+                break
+        return outputs
+

@@ -1,0 +1,218 @@
+"""Engine invariants on tiny random T5 and Llama: batch invariance, isolation, identity, scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CLASSIFY, METHODS, add_tasks, make_engine
+from server.batch import BatchContext
+from server.data.spec import TaskSpec
+from server.engine import Engine, Request
+from server.errors import InputTooLong, InvalidRequest, NotFound
+
+TEXTS = ["a great movie", "awful", "meh, it was long and boring but fine in the end", "x", "not bad at all, really"]
+GENERATE = TaskSpec(template="Q: {text}\nA:", description="Answer the question:", max_new_tokens=5)
+
+
+@pytest.fixture(scope="module")
+def served(engine: Engine) -> tuple[Engine, list[str]]:
+    names = add_tasks(engine)
+    for method in METHODS:  # one generative task per method too
+        task = engine.new_task(f"{method}-gen", method, GENERATE, seed=7)
+        with torch.no_grad():
+            for p in task.params.values():
+                p.add_(torch.randn_like(p) * 0.1)
+        engine.add_task(task)
+        names.append(task.name)
+    return engine, names
+
+
+def assert_same(batch, solo) -> None:
+    assert batch.output == solo.output
+    assert batch.label == solo.label
+    if solo.scores is not None:
+        for label, p in solo.scores.items():
+            assert batch.scores[label] == pytest.approx(p, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_invariance_per_method(served, method: str) -> None:
+    engine, names = served
+    requests = [Request(n, t) for n in names if n.startswith(method) for t in TEXTS[:3]]
+    batch = engine.run(requests)
+    for req, got in zip(requests, batch):
+        assert_same(got, engine.run([req])[0])
+
+
+def test_batch_invariance_all_methods_mixed(served) -> None:
+    engine, names = served
+    requests = [Request(n, TEXTS[i % len(TEXTS)]) for i, n in enumerate(names * 2)]
+    batch = engine.run(requests)
+    assert len({r.task for r in batch}) == len(names)
+    for req, got in zip(requests, batch):
+        assert_same(got, engine.run([req])[0])
+
+
+def test_generation_rows_bounded_and_batch_invariant(served) -> None:
+    engine, names = served
+    requests = [Request(n, "why?", max_new_tokens=3) for n in names if n.endswith("-gen")]
+    outputs = engine.run(requests)
+    for req, got in zip(requests, outputs):
+        assert got.label is None and got.scores is None
+        assert len(engine.backbone.tokenizer(got.output, add_special_tokens=False)["input_ids"]) <= 3
+        assert got.output == engine.run([req])[0].output
+
+
+def test_every_method_modulates(served) -> None:
+    """Each method's task scores differ from the plain backbone's (no silently dropped modulation)."""
+    engine, names = served
+    plain = plain_scores(engine, CLASSIFY, TEXTS[0])
+    for method in METHODS:
+        scores = engine.run([Request(f"{method}-0", TEXTS[0])])[0].scores
+        got = torch.tensor([scores[label] for label in CLASSIFY.labels])
+        assert not torch.allclose(got, plain, atol=1e-4), method
+
+
+def plain_scores(engine: Engine, spec: TaskSpec, text: str, *, with_description: bool = False) -> torch.Tensor:
+    """Reference rank classification: one full forward of the UNHOOKED model per label, summed
+    log-likelihood of the label tokens, softmax over labels."""
+    b = engine.backbone
+    prompt = b.encode(spec.render(text, with_description=with_description))
+    totals = []
+    with torch.no_grad():
+        for label in spec.labels:
+            target = b.encode_target(label)
+            if b.is_encoder_decoder:
+                dec_in = torch.tensor([[b.model.config.decoder_start_token_id] + target[:-1]])
+                logits = b.model(input_ids=torch.tensor([prompt]), decoder_input_ids=dec_in).logits[0]
+                logp = logits.log_softmax(-1)[torch.arange(len(target)), target]
+            else:
+                logits = b.model(input_ids=torch.tensor([prompt + target])).logits[0]
+                logp = logits.log_softmax(-1)[torch.arange(len(prompt) - 1, len(prompt) + len(target) - 1), target]
+            totals.append(logp.sum())
+    return torch.stack(totals).softmax(-1)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_untrained_ip_and_pha_are_the_plain_backbone(kind: str) -> None:
+    """Identity at the engine level: fresh IP (c2 = 0) and PHA (zero up heads, zero shared up)
+    tasks reproduce a naive per-label forward of the unhooked backbone."""
+    engine = make_engine(kind)
+    with torch.no_grad():
+        for name in ("c2_w", "c2_b"):
+            engine.methods["ip"].nets[name].zero_()
+        pha = engine.methods["pha"]
+        for t in (pha.head_up.weight, pha.head_up.bias, pha.head_up_bias.weight, pha.head_up_bias.bias, pha.enc_up, pha.enc_up_bias):
+            t.zero_()
+    for method in ("ip", "pha"):
+        engine.add_task(engine.new_task(method, method, CLASSIFY))
+        got = engine.run([Request(method, TEXTS[2])])[0].scores
+        want = plain_scores(engine, CLASSIFY, TEXTS[2], with_description=method == "ip")
+        assert torch.allclose(torch.tensor([got[label] for label in CLASSIFY.labels]), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_identity_modulations_reproduce_backbone_logits_exactly(kind: str) -> None:
+    """Empty prefix, I = 0 on every block and a zero adapter on every FFN: bit-identical logits."""
+    engine = make_engine(kind)
+    b = engine.backbone
+    ids = torch.tensor([b.encode("hello there"), b.encode("general kenobi")[:12]] if False else [b.encode("hello there")[:8], b.encode("general kenobi")[:8]])
+    kwargs = {"input_ids": ids}
+    if b.is_encoder_decoder:
+        kwargs["decoder_input_ids"] = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    with torch.no_grad():
+        plain = b.model(**kwargs).logits
+        ctx = BatchContext(2, b.d_model, b.n_layers, b.device, b.dtype)
+        ctx.add_hidden_scale(torch.arange(2), torch.zeros(2, b.n_layers, b.d_model))
+        n = len(engine.hooks.ffn_sites)
+        zeros = [torch.zeros(1, n, b.d_model, 4), torch.zeros(1, n, 4), torch.zeros(1, n, 4, b.d_model), torch.zeros(1, n, b.d_model)]
+        ctx.add_adapters(list(range(n)), torch.arange(2), torch.zeros(2, dtype=torch.long), *zeros)
+        ctx.assemble()
+        assert ctx.hidden_scale is not None and len(ctx.adapters) == n
+        with engine.hooks.use(ctx):
+            hooked = b.model(**kwargs).logits
+    assert torch.equal(plain, hooked)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_isolation_adding_tasks_never_changes_others(method: str) -> None:
+    engine = make_engine("llama")
+    add_tasks(engine, per_method=1)
+    before = {n: engine.run([Request(n, TEXTS[1])])[0] for n in list(engine.tasks)}
+    for i in range(2):
+        engine.add_task(engine.new_task(f"new-{method}-{i}", method, CLASSIFY, seed=50 + i))
+    for name, old in before.items():
+        new = engine.run([Request(name, TEXTS[1])])[0]
+        assert new.scores == old.scores  # bit-identical
+
+
+def test_scoring_rules_match_reference() -> None:
+    engine = make_engine("llama")
+    for scoring in ("first", "sum", "mean"):
+        spec = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive", " neutral stance"), scoring=scoring)
+        engine.add_task(engine.new_task(f"pt-{scoring}", "prompt_tuning", spec, init={"prompt": torch.zeros(0, engine.backbone.d_model)}))
+        got = engine.run([Request(f"pt-{scoring}", "so so")])[0].scores
+        b = engine.backbone
+        prompt = b.encode(spec.render("so so"))
+        totals = []
+        with torch.no_grad():
+            for label in spec.labels:
+                target = b.encode_target(label)
+                logits = b.model(input_ids=torch.tensor([prompt + target])).logits[0].log_softmax(-1)
+                logp = logits[torch.arange(len(prompt) - 1, len(prompt) + len(target) - 1), target]
+                totals.append({"first": logp[0], "sum": logp.sum(), "mean": logp.mean()}[scoring])
+        want = torch.stack(totals).softmax(-1)
+        assert torch.allclose(torch.tensor([got[label] for label in spec.labels]), want, atol=1e-5), scoring
+
+
+def test_errors_are_typed() -> None:
+    engine = make_engine("t5")
+    engine.add_task(engine.new_task("pt", "prompt_tuning", CLASSIFY))
+    with pytest.raises(NotFound):
+        engine.run([Request("nope", "x")])
+    with pytest.raises(InputTooLong):
+        engine.run([Request("pt", "x" * 5000)])
+    with pytest.raises(InvalidRequest):
+        engine.new_task("Bad/Name", "prompt_tuning", CLASSIFY)
+    with pytest.raises(InvalidRequest):
+        engine.new_task("ok", "lora", CLASSIFY)
+    with pytest.raises(InvalidRequest):
+        engine.run([])
+
+
+def test_new_version_replaces_old_and_remove_is_idempotent() -> None:
+    engine = make_engine("t5")
+    engine.add_task(engine.new_task("pt", "prompt_tuning", CLASSIFY, seed=1, version=1))
+    v1 = engine.run([Request("pt", "x")])[0]
+    engine.add_task(engine.new_task("pt", "prompt_tuning", CLASSIFY, seed=2, version=2))
+    v2 = engine.run([Request("pt", "x")])[0]
+    assert (v1.task_version, v2.task_version) == (1, 2)
+    assert v1.scores != v2.scores
+    assert ("pt", 1) not in engine._static
+    engine.remove_task("pt")
+    engine.remove_task("pt")
+    with pytest.raises(NotFound):
+        engine.run([Request("pt", "x")])
+
+
+def test_attempt_pools_real_tokens_only() -> None:
+    """ATTEMPT's max-pool ignores padding: a row's instance prompt is the same padded or not."""
+    from server.methods.base import RowGroup
+
+    engine = make_engine("t5")
+    attempt = engine.methods["attempt"]
+    with torch.no_grad():
+        attempt.up.weight.mul_(50)  # sharpen the attention so a pooling change would show
+        task = engine.new_task("a", "attempt", CLASSIFY)
+        statics = [attempt.static(task)]
+        embeds = torch.randn(1, 3, engine.backbone.d_model) - 3.0  # all-negative real tokens
+        outs = []
+        for pad in (0, 4):
+            padded = torch.cat([embeds, torch.zeros(1, pad, embeds.shape[-1])], dim=1)
+            mask = torch.cat([torch.ones(1, 3), torch.zeros(1, pad)], dim=1).long()
+            group = RowGroup(torch.tensor([0]), [task], torch.tensor([0]), statics, padded, mask, [task])
+            ctx = BatchContext(1, engine.backbone.d_model, engine.backbone.n_layers, torch.device("cpu"), torch.float32)
+            attempt.modulate(group, ctx)
+            outs.append(ctx.assemble().prefix)
+    assert torch.equal(outs[0], outs[1])
