@@ -157,8 +157,12 @@ class Backbone:
         return int(self.tokenizer.pad_token_id)
 
     def encode(self, text: str) -> list[int]:
-        """Prompt text -> token ids as the backbone expects them (T5: with </s>)."""
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        """Prompt text -> token ids as the backbone expects them (T5: ending in </s>; decoder-only:
+        with the tokenizer's BOS if it adds one, never ending in EOS — the model must continue it)."""
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not self.is_encoder_decoder and ids and ids[-1] == self.eos_id:
+            ids.pop()
+        return ids
 
     def encode_target(self, text: str) -> list[int]:
         """A label verbalizer or target text -> the ids the model must produce after the prompt.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CLASSIFY, METHODS, add_tasks, make_engine
+from helpers import CLASSIFY, METHODS, add_tasks, make_engine
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.engine import Engine, Request

