@@ -253,7 +253,7 @@ class Engine:
                 statics=[method.static(t) if live else self._static[t.key] for t in distinct],
                 embeds=token_embeds[index],
                 mask=token_mask[index],
-                peers=[t for t in self.tasks.values() if t.method == method_id],
+                peers=[t for t in self.tasks.values() if t.method == method_id] if live else [],
             )
             method.modulate(group, ctx)
             groups[method_id] = group

@@ -54,7 +54,7 @@ class RowGroup:
     statics: list[dict[str, Tensor]]  # per distinct task: `Method.static(task)`
     embeds: Tensor  # [g, n, d] token embeddings of the rendered inputs, real tokens first
     mask: Tensor  # [g, n] long
-    peers: list[Task]  # every task of this method the engine knows (contrastive negatives)
+    peers: list[Task]  # training only: every task of this method the engine knows (contrastive negatives)
     features: Tensor | None = None  # [g, d] pooled feature-site states (training, PHA)
 
 
