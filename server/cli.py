@@ -1,0 +1,118 @@
+"""The `taskserve` command line.
+
+Subcommands today: `demo` (what `make serve` runs until the HTTP server lands), `predict` (one row
+against a demo task), `prepare` (convert/locate the offline models), `bench` (bench/run.py).
+`serve`, `worker`, `train`, `eval` and `tasks` arrive with the serving and learning issues.
+Common options: --backbone, --device, --dtype (or the TASKSERVE_* environment variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from server.errors import TaskservError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", help="smollm2 (default), a local HF folder or a hub id [TASKSERVE_BACKBONE]")
+    parser.add_argument("--device", help="auto | cpu | cuda[:N] [TASKSERVE_DEVICE]")
+    parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 [TASKSERVE_DTYPE]")
+
+
+def _settings(args: argparse.Namespace):
+    from server.settings import Settings
+
+    overrides = {k: v for k in ("backbone", "device", "dtype") if (v := getattr(args, k, None))}
+    return Settings(**overrides)
+
+
+def _engine(args: argparse.Namespace):
+    from server import assets
+    from server.backbone import load_backbone, load_form_module
+    from server.engine import Engine
+
+    settings = _settings(args)
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    start = time.perf_counter()
+    backbone = load_backbone(assets.resolve_backbone(settings.backbone, settings.cache_dir), device=device, dtype=dtype)
+    form = None
+    if not backbone.is_encoder_decoder:
+        form = load_form_module(assets.resolve_form_module(settings.form_module, settings.cache_dir), device=device)
+    engine = Engine(backbone, form)
+    print(f"loaded {settings.backbone} ({backbone.kind}, d={backbone.d_model}, {backbone.n_layers} layers, "
+          f"fingerprint {backbone.fingerprint}) on {device}/{str(dtype).removeprefix('torch.')} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return engine
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from server.demo import EXAMPLES, add_demo_tasks, format_results
+
+    engine = _engine(args)
+    add_demo_tasks(engine)
+    start = time.perf_counter()
+    results = engine.run(EXAMPLES)
+    print(format_results(EXAMPLES, results))
+    print(f"{len(EXAMPLES)} rows over {len({r.task for r in EXAMPLES})} tasks in one batch: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    print("The HTTP server (taskserve serve) arrives with the serving issue.", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from server.demo import add_demo_tasks, format_results
+    from server.engine import Request
+
+    engine = _engine(args)
+    names = add_demo_tasks(engine)
+    if args.task not in names:
+        print(f"unknown task {args.task!r}; demo tasks: {', '.join(names)}", file=sys.stderr)
+        return 2
+    requests = [Request(args.task, args.text, max_new_tokens=args.max_new_tokens)]
+    print(format_results(requests, engine.run(requests)))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from server import assets
+
+    return assets.main([])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.run import main as bench_main
+
+    return bench_main(args.bench_args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskserve", description="Multi-task inference server over one frozen backbone.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="load the default backbone and run demo tasks in one mixed batch")
+    _common(demo)
+    demo.set_defaults(func=cmd_demo)
+    predict = sub.add_parser("predict", help="predict one row with a demo task")
+    _common(predict)
+    predict.add_argument("--task", required=True)
+    predict.add_argument("--max-new-tokens", type=int, default=None)
+    predict.add_argument("text")
+    predict.set_defaults(func=cmd_predict)
+    prepare = sub.add_parser("prepare", help="convert / locate the offline default models")
+    prepare.set_defaults(func=cmd_prepare)
+    bench = sub.add_parser("bench", help="run the benchmark harness (arguments go to bench/run.py)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TaskservError as exc:
+        print(f"error ({exc.type}): {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The engine on the REAL embedded default: SmolLM2-135M-Instruct + all-MiniLM-L6-v2 (marker `real`).
+
+Shared methods carry random (seeded, perturbed) weights here — the learning issue trains them —
+but the backbone, the tokenizer, the form module and the full 100-token prompts are real."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import perturb
+from server import assets
+from server.backbone import load_backbone, load_form_module
+from server.data.spec import TaskSpec
+from server.engine import Engine, Request
+from server.settings import Settings
+
+pytestmark = pytest.mark.real
+
+SENTIMENT = TaskSpec(
+    template="Review: {text}\nSentiment:",
+    labels=(" negative", " positive"),
+    description="Tell me the sentiment of the film review:",
+    scoring="first",
+)
+REVIEWS = [
+    ("A wonderful, moving film with superb acting.", " positive"),
+    ("Dull, tedious and far too long. I hated it.", " negative"),
+    ("One of the best films of the year, a joy to watch.", " positive"),
+    ("A boring mess with a terrible script.", " negative"),
+]
+
+
+@pytest.fixture(scope="module")
+def real_engine() -> Engine:
+    cache = Settings().cache_dir
+    backbone = load_backbone(assets.resolve_backbone("smollm2", cache))
+    form = load_form_module(str(assets.minilm_dir()))
+    return Engine(backbone, form)
+
+
+def test_real_backbone_shapes(real_engine: Engine) -> None:
+    b = real_engine.backbone
+    assert (b.kind, b.d_model, b.n_layers, len(b.encoder_ffns), len(b.decoder_ffns)) == ("decoder", 576, 30, 15, 15)
+    assert real_engine.dims.form_layers == 6 and real_engine.dims.form_dim == 384
+    assert all(not p.requires_grad for p in b.model.parameters())
+
+
+def test_zero_shot_sentiment_with_the_served_template(real_engine: Engine) -> None:
+    """The plain backbone (an empty soft prompt) gets obvious reviews right with first-token
+    scoring — the template is part of the task (DESIGN.md)."""
+    real_engine.add_task(real_engine.new_task("zero-shot", "prompt_tuning", SENTIMENT, init={"prompt": torch.zeros(0, 576)}))
+    results = real_engine.run([Request("zero-shot", text) for text, _ in REVIEWS])
+    assert [r.label for r in results] == [label for _, label in REVIEWS]
+
+
+def test_batch_invariance_all_five_methods_on_smollm2(real_engine: Engine) -> None:
+    perturb(real_engine, scale=0.05)
+    names = []
+    for method in ("prompt_tuning", "tpv", "attempt", "ip", "pha"):
+        for i in range(2):
+            task = real_engine.new_task(f"real-{method}-{i}", method, SENTIMENT, seed=i)
+            with torch.no_grad():
+                for p in task.params.values():
+                    p.add_(torch.randn_like(p) * 0.01)
+            real_engine.add_task(task)
+            names.append(task.name)
+    requests = [Request(name, REVIEWS[i % len(REVIEWS)][0]) for i, name in enumerate(names)]
+    batch = real_engine.run(requests)
+    for request, got in zip(requests, batch):
+        solo = real_engine.run([request])[0]
+        assert got.label == solo.label
+        for label, p in solo.scores.items():
+            assert got.scores[label] == pytest.approx(p, abs=1e-5)
