@@ -159,10 +159,16 @@ class Backbone:
     def encode(self, text: str) -> list[int]:
         """Prompt text -> token ids as the backbone expects them (T5: ending in </s>; decoder-only:
         with the tokenizer's BOS if it adds one, never ending in EOS — the model must continue it)."""
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        if not self.is_encoder_decoder and ids and ids[-1] == self.eos_id:
-            ids.pop()
-        return ids
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` for many prompts in one tokenizer call (the fast tokenizers batch in Rust)."""
+        batch = [list(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        if not self.is_encoder_decoder:
+            for ids in batch:
+                if ids and ids[-1] == self.eos_id:
+                    ids.pop()
+        return batch
 
     def encode_target(self, text: str) -> list[int]:
         """A label verbalizer or target text -> the ids the model must produce after the prompt.

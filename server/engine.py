@@ -193,9 +193,8 @@ class Engine:
         with self._lock:
             tasks = [self._task(r.task) for r in requests]
         plan = Plan(tasks=tasks, prompt_ids=[], form_texts=[], max_new=[])
-        for row, (req, task) in enumerate(zip(requests, tasks)):
-            text = self.method(task.method).render(task.spec, req.text)
-            ids = self.backbone.encode(text)
+        texts = [self.method(task.method).render(task.spec, req.text) for req, task in zip(requests, tasks)]
+        for row, (req, task, text, ids) in enumerate(zip(requests, tasks, texts, self.backbone.encode_batch(texts))):
             if len(ids) > self.config.max_input_tokens:
                 raise InputTooLong(f"text: {len(ids)} tokens after the {task.name!r} template, limit {self.config.max_input_tokens}")
             max_new = req.max_new_tokens or task.spec.max_new_tokens
