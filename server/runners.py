@@ -9,7 +9,7 @@ Decoder-only (left padding, so every row's last real token sits at position t-1)
 - `generate`: greedy decoding on the cache.
 T5 (right padding):
 - `encode`: the encoder once (its per-layer states are IP's form-module states, seed 000 §3.3);
-- `label_logprobs`: ONE decoder pass over all (row, label) pairs re-using the encoder output;
+- `label_logprobs`: ONE decoder pass over all (row, label) pairs re-using the encoder output (with\n  first-token scoring, one decoder step per row: the labels share it);
 - `generate`: greedy decoding with the cross-attention cache.
 Training uses the same two steps (`encode`, then `label_logprobs` of the targets): teacher forcing
 through the cache gives the same log-likelihoods as one pass over [prompt; target].
@@ -153,9 +153,15 @@ class Seq2SeqRunner:
         return ids, dec_in, valid, lengths
 
     def label_logprobs(self, enc: Encoded, ctx: BatchContext, pair_row: Tensor, targets: list[list[int]]) -> Tensor:
+        n = max(len(t) for t in targets)
+        if n == 1:  # first-token scoring: every label of a row shares decoder step 1 — one row each
+            rows, inverse = pair_row.unique(return_inverse=True)
+            start = torch.full((rows.numel(), 1), self.start_id, dtype=torch.long, device=rows.device)
+            logits = self._decode(enc, ctx, rows, start).logits[:, 0]  # [rows, vocab]
+            first = torch.tensor([t[0] for t in targets], device=rows.device)
+            return logits[inverse].float().log_softmax(-1).gather(-1, first.unsqueeze(1))  # [p, 1]
         ids, dec_in, valid, _ = self._shifted(targets, pair_row.device)
         logits = self._decode(enc, ctx, pair_row, dec_in, valid.long()).logits  # [p, n, vocab]
-        n = max(len(t) for t in targets)
         return _gather_logprobs(logits, ids).masked_fill(~valid, 0.0)[:, :n]
 
     def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: Tensor) -> list[list[int]]:

