@@ -71,15 +71,30 @@ class Result:
     """Per-label probability (softmax over the labels' scores under the task's scoring rule)."""
 
 
+@dataclass(frozen=True, eq=False)
+class LoadedTask:
+    """A servable task version with what the engine derived from it once: the method's static
+    tensors (on the device) and the label verbalizers' token ids."""
+
+    task: Task
+    static: dict[str, Tensor]
+    targets: list[list[int]]
+
+
 @dataclass
 class Plan:
-    """A scheduled batch: rows in request order, grouped by method."""
+    """A scheduled batch: rows in request order, grouped by method. It holds the task versions it
+    was scheduled with, so a version swapped in meanwhile never changes a batch in flight."""
 
-    tasks: list[Task]
+    loaded: list[LoadedTask]
     prompt_ids: list[list[int]]
     form_texts: list[str]
     max_new: list[int]
     groups: dict[str, list[int]] = field(default_factory=dict)  # method id -> rows
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [entry.task for entry in self.loaded]
 
 
 @dataclass
@@ -137,12 +152,20 @@ class Engine:
         self.hooks = ContextHooks(backbone)
         runner_cls = Seq2SeqRunner if backbone.is_encoder_decoder else DecoderRunner
         self.runner = runner_cls(backbone, self.hooks, self.config.length_multiple)
-        self.tasks: dict[str, Task] = {}
-        self._static: dict[tuple[str, int], dict[str, Tensor]] = {}
-        self._targets: dict[tuple[str, int], list[list[int]]] = {}
-        self._lock = threading.RLock()  # add/remove vs. a batch being scheduled on another thread
+        self._loaded: dict[str, LoadedTask] = {}
+        self._lock = threading.Lock()  # add/remove vs. a batch being scheduled on another thread
 
     # ---- task lifecycle (idempotent) -------------------------------------------------------
+    @property
+    def tasks(self) -> dict[str, Task]:
+        return {name: loaded.task for name, loaded in self._loaded.items()}
+
+    def loaded(self, name: str) -> LoadedTask:
+        loaded = self._loaded.get(name)
+        if loaded is None:
+            raise NotFound(f"task {name!r} does not exist")
+        return loaded
+
     def method(self, method_id: str) -> Method:
         if method_id not in self.methods:
             method_class(method_id)  # raises InvalidRequest naming the known ids
@@ -168,19 +191,11 @@ class Engine:
         if any(not t for t in targets):
             raise InvalidRequest(f"labels: a label of task {task.name!r} encodes to no tokens")
         with self._lock:
-            old = self.tasks.get(task.name)
-            self._static[task.key], self._targets[task.key] = static, targets
-            self.tasks[task.name] = task
-            if old is not None and old.key != task.key:
-                self._static.pop(old.key, None)
-                self._targets.pop(old.key, None)
+            self._loaded[task.name] = LoadedTask(task, static, targets)
 
     def remove_task(self, name: str) -> None:
         with self._lock:
-            task = self.tasks.pop(name, None)
-            if task is not None:
-                self._static.pop(task.key, None)
-                self._targets.pop(task.key, None)
+            self._loaded.pop(name, None)
 
     # ---- schedule → execute → complete -----------------------------------------------------
     def run(self, requests: list[Request]) -> list[Result]:
@@ -191,8 +206,9 @@ class Engine:
         if not requests:
             raise InvalidRequest("inputs: at least one row is required")
         with self._lock:
-            tasks = [self._task(r.task) for r in requests]
-        plan = Plan(tasks=tasks, prompt_ids=[], form_texts=[], max_new=[])
+            loaded = [self.loaded(r.task) for r in requests]
+        tasks = [entry.task for entry in loaded]
+        plan = Plan(loaded=loaded, prompt_ids=[], form_texts=[], max_new=[])
         texts = [self.method(task.method).render(task.spec, req.text) for req, task in zip(requests, tasks)]
         for row, (req, task, text, ids) in enumerate(zip(requests, tasks, texts, self.backbone.encode_batch(texts))):
             if len(ids) > self.config.max_input_tokens:
@@ -205,12 +221,6 @@ class Engine:
             plan.max_new.append(max_new)
             plan.groups.setdefault(task.method, []).append(row)
         return plan
-
-    def _task(self, name: str) -> Task:
-        task = self.tasks.get(name)
-        if task is None:
-            raise NotFound(f"task {name!r} does not exist")
-        return task
 
     @torch.no_grad()
     def execute(self, plan: Plan) -> Output:
@@ -242,14 +252,14 @@ class Engine:
         groups: dict[str, RowGroup] = {}
         for method_id, rows in plan.groups.items():
             method = self.method(method_id)
-            distinct = list(dict.fromkeys(plan.tasks[r] for r in rows))
-            slot_of = {id(t): i for i, t in enumerate(distinct)}
+            distinct = list(dict.fromkeys(plan.loaded[r] for r in rows))
+            slot_of = {id(entry): i for i, entry in enumerate(distinct)}
             index = torch.tensor(rows, device=device)
             group = RowGroup(
                 rows=index,
-                tasks=distinct,
-                task_slot=torch.tensor([slot_of[id(plan.tasks[r])] for r in rows], device=device),
-                statics=[method.static(t) if live else self._static[t.key] for t in distinct],
+                tasks=[entry.task for entry in distinct],
+                task_slot=torch.tensor([slot_of[id(plan.loaded[r])] for r in rows], device=device),
+                statics=[method.static(entry.task) if live else entry.static for entry in distinct],
                 embeds=token_embeds[index],
                 mask=token_mask[index],
                 peers=[t for t in self.tasks.values() if t.method == method_id] if live else [],
@@ -278,11 +288,12 @@ class Engine:
         device = self.backbone.device
         pair_row, pair_target, spans = [], [], {}
         gen_rows = []
-        for row, task in enumerate(plan.tasks):
+        for row, entry in enumerate(plan.loaded):
+            task = entry.task
             if not task.spec.is_classification:
                 gen_rows.append(row)
                 continue
-            targets = self._targets[task.key]
+            targets = entry.targets
             if task.spec.scoring == "first":
                 targets = [t[:1] for t in targets]
             spans[row] = (len(pair_row), len(targets))

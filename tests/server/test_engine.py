@@ -183,7 +183,7 @@ def test_new_version_replaces_old_and_remove_is_idempotent() -> None:
     v2 = engine.run([Request("pt", "x")])[0]
     assert (v1.task_version, v2.task_version) == (1, 2)
     assert v1.scores != v2.scores
-    assert ("pt", 1) not in engine._static
+    assert engine.loaded("pt").task.version == 2
     engine.remove_task("pt")
     engine.remove_task("pt")
     with pytest.raises(NotFound):
@@ -210,3 +210,14 @@ def test_attempt_pools_real_tokens_only() -> None:
             attempt.modulate(group, ctx)
             outs.append(ctx.assemble().prefix)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_batch_in_flight_keeps_the_version_it_was_scheduled_with() -> None:
+    engine = make_engine("llama")
+    engine.add_task(engine.new_task("pha", "pha", CLASSIFY, seed=1, version=1))
+    want_v1 = engine.run([Request("pha", "x")])[0]
+    plan = engine.schedule([Request("pha", "x")])
+    engine.add_task(engine.new_task("pha", "pha", CLASSIFY, seed=2, version=2))  # swapped in meanwhile
+    engine.remove_task("pha")
+    got = engine.complete(plan, engine.execute(plan))[0]
+    assert got.task_version == 1 and got.scores == want_v1.scores

@@ -38,7 +38,7 @@ def test_composed_task_serves_theta_init_plus_weighted_sum() -> None:
     engine.add_task(composed)
     theta = tpv.theta_init(composed.meta["origin"])
     want = theta + tasks[0].params["tau"] + 0.5 * tasks[1].params["tau"]
-    assert torch.allclose(engine._static[composed.key]["prompt"], want)
+    assert torch.allclose(engine.loaded("mix").static["prompt"], want)
     # the served prompt is exactly that prompt: the same output as a prompt_tuning task holding it
     engine.add_task(engine.new_task("pt", "prompt_tuning", CLASSIFY, init={"prompt": want.detach()}))
     a, b = engine.run([Request("mix", "nice"), Request("pt", "nice")])
