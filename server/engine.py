@@ -114,9 +114,7 @@ def default_methods(backbone: Backbone, form: FormModule | None, **configs: Any)
         kwargs: dict[str, Any] = {}
         if method_id in configs:
             kwargs["config"] = configs[method_id]
-        if "embedding" in cls.__init__.__code__.co_varnames:
-            kwargs["embedding"] = embedding
-        methods[method_id] = cls(dims, **kwargs)
+        methods[method_id] = cls(dims, embedding=embedding, **kwargs)
     return methods
 
 
@@ -158,7 +156,8 @@ class Engine:
     # ---- task lifecycle (idempotent) -------------------------------------------------------
     @property
     def tasks(self) -> dict[str, Task]:
-        return {name: loaded.task for name, loaded in self._loaded.items()}
+        with self._lock:
+            return {name: loaded.task for name, loaded in self._loaded.items()}
 
     def loaded(self, name: str) -> LoadedTask:
         loaded = self._loaded.get(name)
@@ -175,8 +174,8 @@ class Engine:
     def new_task(self, name: str, method: str, spec: TaskSpec, *, init: dict[str, Any] | None = None, seed: int = 0, version: int = 1) -> Task:
         """A fresh task (not yet added): per-task params from the method's initialisation."""
         m = self.method(method)
-        if method == "ip" and not self.backbone.is_encoder_decoder and self.form is None:
-            raise InvalidRequest("method: ip on a decoder-only backbone needs a form module")
+        if m.uses_form and not self.backbone.is_encoder_decoder and self.form is None:
+            raise InvalidRequest(f"method: {method} on a decoder-only backbone needs a form module")
         generator = torch.Generator().manual_seed(seed)
         params, meta = m.init_task(spec, self.backbone.embedding.weight, generator, init or {})
         return Task(name=name, method=method, spec=spec, params=params, version=version, meta=meta)

@@ -67,7 +67,9 @@ class Method(nn.Module):
     wants_features: ClassVar[bool] = False
     """True when `extra_loss` needs the pooled feature-site state (PHA's retriever)."""
 
-    def __init__(self, dims: BackboneDims) -> None:
+    def __init__(self, dims: BackboneDims, config: Any = None, embedding: Tensor | None = None) -> None:
+        """Every method takes the backbone dims, its typed config (None = defaults) and, for
+        vocabulary-sampled initialisation of shared prompts, the backbone's embedding table."""
         super().__init__()
         self.dims = dims
 

@@ -51,7 +51,7 @@ class InspirationalPointer(Method):
     method_id = "ip"
     uses_form = True
 
-    def __init__(self, dims: BackboneDims, config: IPConfig | None = None) -> None:
+    def __init__(self, dims: BackboneDims, config: IPConfig | None = None, embedding: Tensor | None = None) -> None:
         super().__init__(dims)
         self.config = config or IPConfig()
         self.nets = self.new_nets()

@@ -66,7 +66,7 @@ class PrototypeHyperAdapter(Method):
     method_id = "pha"
     wants_features = True
 
-    def __init__(self, dims: BackboneDims, config: PHAConfig | None = None) -> None:
+    def __init__(self, dims: BackboneDims, config: PHAConfig | None = None, embedding: Tensor | None = None) -> None:
         super().__init__(dims)
         self.config = c = config or PHAConfig()
         d, b = dims.d_model, c.bottleneck

@@ -37,7 +37,7 @@ class PromptConfig:
 class PromptTuning(Method):
     method_id = "prompt_tuning"
 
-    def __init__(self, dims: BackboneDims, config: PromptConfig | None = None) -> None:
+    def __init__(self, dims: BackboneDims, config: PromptConfig | None = None, embedding: Tensor | None = None) -> None:
         super().__init__(dims)
         self.config = config or PromptConfig()
 
