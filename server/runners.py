@@ -3,25 +3,27 @@
 
 Decoder-only (left padding, so every row's last real token sits at position t-1):
 - `encode`: ONE prompt pass with a KV cache; logits only for the last position.
-- `label_logprobs`: label token 1 is scored from the prompt's last logits; longer labels go through
-  one extra pass over the label tokens for every (row, label) pair on the row's cached prompt —
-  the prompt is never recomputed per label.
+- `label_logprobs`: label token 1 is scored from the prompt's last logits (first-token scoring
+  needs nothing more); longer labels go through one extra pass over the label tokens of every
+  (row, label) pair on its row's cached prompt — the prompt is never recomputed per label.
 - `generate`: greedy decoding on the cache.
 T5 (right padding):
 - `encode`: the encoder once (its per-layer states are IP's form-module states, seed 000 §3.3);
-- `label_logprobs`: ONE decoder pass over all (row, label) pairs re-using the encoder output (with\n  first-token scoring, one decoder step per row: the labels share it);
-- `generate`: greedy decoding with the cross-attention cache.
+- `label_logprobs`: ONE decoder pass over all (row, label) pairs re-using the encoder output (with
+  first-token scoring, one decoder step per row: the labels share it);
+- `generate`: greedy decoding with the self- and cross-attention caches.
 Training uses the same two steps (`encode`, then `label_logprobs` of the targets): teacher forcing
 through the cache gives the same log-likelihoods as one pass over [prompt; target].
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from server.backbone import Backbone, masked_mean
@@ -34,7 +36,7 @@ class Encoded:
     """What the first pass of a batch leaves for scoring and generation."""
 
     mask: Tensor  # [b, t] long, real positions of prefix + prompt
-    last_logits: Tensor | None = None  # [b, vocab] fp32 (decoder-only)
+    last_logits: Tensor | None = None  # [b, vocab] (decoder-only)
     cache: DynamicCache | None = None  # decoder-only prompt cache
     encoder_states: Tensor | None = None  # [b, t, d] (T5)
     form: Tensor | None = None  # [n1, b, d] pooled encoder layer states (T5, when asked)
@@ -55,6 +57,27 @@ def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def greedy(step: Callable[[Tensor | None], Tensor], max_new: list[int], eos_id: int) -> list[list[int]]:
+    """Greedy decoding. `step(None)` gives the first next-token logits [g, vocab], `step(token)`
+    feeds tokens [g] and gives the next ones. A row ends at EOS (not returned) or after its
+    max_new tokens; one host sync per step (the all-done check), tokens copied to the host once."""
+    device_bound = torch.tensor(max_new)
+    tokens, keep = [], []
+    done = torch.zeros(len(max_new), dtype=torch.bool)
+    logits = step(None)
+    for i in range(max(max_new)):
+        token = logits.argmax(-1)  # [g]
+        done_now = done.to(token.device) | (token == eos_id)
+        tokens.append(token)
+        keep.append(~done_now)
+        done = done_now.cpu() | (device_bound <= i + 1)
+        if bool(done.all()):
+            break
+        logits = step(token)
+    ids, alive = torch.stack(tokens, 1).tolist(), torch.stack(keep, 1).tolist()
+    return [[t for t, k in zip(row, ok) if k] for row, ok in zip(ids, alive)]
+
+
 class DecoderRunner:
     left_pad = True
 
@@ -68,7 +91,7 @@ class DecoderRunner:
     def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, want_form: bool = False) -> Encoded:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, t]; left padding keeps real positions 0..len-1
         out = self._forward(ctx, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return Encoded(mask=mask, last_logits=out.logits[:, -1].float(), cache=out.past_key_values)
+        return Encoded(mask=mask, last_logits=out.logits[:, -1], cache=out.past_key_values)
 
     @staticmethod
     def _select_cache(cache: DynamicCache, index: Tensor) -> DynamicCache:
@@ -77,49 +100,45 @@ class DecoderRunner:
             selected.update(layer.keys[index], layer.values[index], layer_idx)
         return selected
 
-    def _continue(self, enc: Encoded, ctx: BatchContext, index: Tensor, ids: Tensor, id_mask: Tensor, cache: DynamicCache) -> Tensor:
-        """Feed ids [p, n] after the cached prompts of rows `index` [p]; returns logits [p, n, vocab]."""
-        mask = torch.cat([enc.mask[index], id_mask], dim=1)  # [p, t + n]
-        start = enc.mask[index].sum(-1, keepdim=True)  # [p, 1]
-        positions = start + torch.arange(ids.shape[1], device=ids.device)  # [p, n]
-        out = self._forward(ctx.select(index), inputs_embeds=self.backbone.embed(ids), attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    def _continue(self, ctx: BatchContext, mask: Tensor, ids: Tensor, id_mask: Tensor, cache: DynamicCache) -> Tensor:
+        """Feed ids [p, n] (mask id_mask) after cached prompts whose mask is `mask` [p, t]; the cache
+        and ctx already hold these p rows. Returns logits [p, n, vocab]."""
+        positions = mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=ids.device)  # [p, n]
+        out = self._forward(ctx, inputs_embeds=self.backbone.embed(ids), attention_mask=torch.cat([mask, id_mask], dim=1), position_ids=positions, past_key_values=cache, use_cache=True)
         return out.logits
 
     def label_logprobs(self, enc: Encoded, ctx: BatchContext, pair_row: Tensor, targets: list[list[int]]) -> Tensor:
         """Per (row, label) pair: log p(y_j | prompt, y_<j) for every label token [p, n_max] (0 past the end)."""
         ids, lengths = pad_ids(targets, self.backbone.pad_id, pair_row.device)  # [p, n]
-        first = enc.last_logits[pair_row].log_softmax(-1).gather(-1, ids[:, :1])  # [p, 1]
+        row_logp = enc.last_logits.float().log_softmax(-1)  # [b, vocab]: normalise once per row, not per label
+        first = row_logp[pair_row, ids[:, 0]].unsqueeze(1)  # [p, 1]
         if ids.shape[1] == 1:
             return first
         rest_ids, _ = pad_ids([t[:-1] for t in targets], self.backbone.pad_id, pair_row.device, self.multiple)
         rest_mask = (torch.arange(rest_ids.shape[1], device=ids.device) < (lengths - 1).unsqueeze(1)).long()
-        logits = self._continue(enc, ctx, pair_row, rest_ids, rest_mask, self._select_cache(enc.cache, pair_row))
+        cache = self._select_cache(enc.cache, pair_row)
+        logits = self._continue(ctx.select(pair_row), enc.mask[pair_row], rest_ids, rest_mask, cache)
         rest = _gather_logprobs(logits[:, : ids.shape[1] - 1], ids[:, 1:])  # [p, n-1]
         valid = torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(1)
         return torch.cat([first, rest], dim=1).masked_fill(~valid, 0.0)
 
-    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: Tensor) -> list[list[int]]:
-        """Greedy decoding for rows [g], each up to max_new [g] tokens; EOS ends a row (not returned)."""
-        cache = self._select_cache(enc.cache, rows)
-        sub = Encoded(mask=enc.mask[rows], last_logits=enc.last_logits[rows], cache=cache)
-        index = torch.arange(rows.numel(), device=rows.device)
-        sub_ctx = ctx.select(rows)
-        outputs: list[list[int]] = [[] for _ in range(rows.numel())]
-        done = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
-        logits = sub.last_logits
-        for step in range(int(max_new.max())):
-            token = logits.argmax(-1)  # [g]
-            done |= token == self.backbone.eos_id
-            for i in (~done).nonzero().flatten().tolist():
-                outputs[i].append(int(token[i]))
-            done |= step + 1 >= max_new
-            if bool(done.all()):
-                break
-            one = torch.ones(rows.numel(), 1, dtype=torch.long, device=rows.device)
-            logits = self._continue(sub, sub_ctx, index, token.unsqueeze(1), one, cache)[:, -1].float()
-            sub.mask = torch.cat([sub.mask, one], dim=1)
-        return outputs
+    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: list[int]) -> list[list[int]]:
+        """Greedy decoding for rows [g]. Consumes `enc.cache` when every row generates (no copy)."""
+        everyone = rows.numel() == enc.mask.shape[0]
+        cache = enc.cache if everyone else self._select_cache(enc.cache, rows)
+        sub_ctx = ctx if everyone else ctx.select(rows)
+        mask = enc.mask[rows]
+        one = torch.ones(rows.numel(), 1, dtype=torch.long, device=rows.device)
 
+        def step(token: Tensor | None) -> Tensor:
+            nonlocal mask
+            if token is None:
+                return enc.last_logits[rows]
+            logits = self._continue(sub_ctx, mask, token.unsqueeze(1), one, cache)[:, -1]
+            mask = torch.cat([mask, one], dim=1)
+            return logits
+
+        return greedy(step, max_new, self.backbone.eos_id)
 
 
 class Seq2SeqRunner:
@@ -135,51 +154,47 @@ class Seq2SeqRunner:
         form = masked_mean(torch.stack(out.hidden_states[1:]), mask) if want_form else None  # [n1, b, d]
         return Encoded(mask=mask, encoder_states=out.last_hidden_state, form=form)
 
-    def _decode(self, enc: Encoded, ctx: BatchContext, index: Tensor, dec_ids: Tensor, dec_mask: Tensor | None = None, cache=None):
-        with self.hooks.use(ctx.select(index)):
+    def _decode(self, enc: Encoded, ctx: BatchContext, index: Tensor | None, dec_ids: Tensor, dec_mask: Tensor | None = None, cache: EncoderDecoderCache | None = None):
+        """Decoder pass for rows `index` of the encoded batch (None: all rows, in order)."""
+        states, mask = (enc.encoder_states, enc.mask) if index is None else (enc.encoder_states[index], enc.mask[index])
+        with self.hooks.use(ctx if index is None else ctx.select(index)):
             return self.backbone.model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=enc.encoder_states[index]),
-                attention_mask=enc.mask[index],
+                encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                attention_mask=mask,
                 decoder_input_ids=dec_ids,
                 decoder_attention_mask=dec_mask,
                 past_key_values=cache,
                 use_cache=cache is not None,
             )
 
-    def _shifted(self, targets: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _shifted(self, targets: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         ids, lengths = pad_ids(targets, self.backbone.pad_id, device, self.multiple)  # [p, n]
         dec_in = torch.cat([torch.full_like(ids[:, :1], self.start_id), ids[:, :-1]], dim=1)
         valid = torch.arange(ids.shape[1], device=device) < lengths.unsqueeze(1)
-        return ids, dec_in, valid, lengths
+        return ids, dec_in, valid
 
     def label_logprobs(self, enc: Encoded, ctx: BatchContext, pair_row: Tensor, targets: list[list[int]]) -> Tensor:
         n = max(len(t) for t in targets)
         if n == 1:  # first-token scoring: every label of a row shares decoder step 1 — one row each
             rows, inverse = pair_row.unique(return_inverse=True)
             start = torch.full((rows.numel(), 1), self.start_id, dtype=torch.long, device=rows.device)
-            logits = self._decode(enc, ctx, rows, start).logits[:, 0]  # [rows, vocab]
+            row_logp = self._decode(enc, ctx, rows, start).logits[:, 0].float().log_softmax(-1)  # [rows, vocab]
             first = torch.tensor([t[0] for t in targets], device=rows.device)
-            return logits[inverse].float().log_softmax(-1).gather(-1, first.unsqueeze(1))  # [p, 1]
-        ids, dec_in, valid, _ = self._shifted(targets, pair_row.device)
+            return row_logp[inverse, first].unsqueeze(1)  # [p, 1]
+        ids, dec_in, valid = self._shifted(targets, pair_row.device)
         logits = self._decode(enc, ctx, pair_row, dec_in, valid.long()).logits  # [p, n, vocab]
         return _gather_logprobs(logits, ids).masked_fill(~valid, 0.0)[:, :n]
 
-    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: Tensor) -> list[list[int]]:
-        from transformers.cache_utils import EncoderDecoderCache
-
+    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: list[int]) -> list[list[int]]:
+        sub = Encoded(mask=enc.mask[rows], encoder_states=enc.encoder_states[rows])  # gathered once, not per step
+        sub_ctx = ctx.select(rows)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        token = torch.full((rows.numel(), 1), self.start_id, dtype=torch.long, device=rows.device)
-        outputs: list[list[int]] = [[] for _ in range(rows.numel())]
-        done = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
-        for step in range(int(max_new.max())):
-            out = self._decode(enc, ctx, rows, token, cache=cache)
-            cache = out.past_key_values
-            token = out.logits[:, -1].argmax(-1, keepdim=True)  # [g, 1]
-            done |= token[:, 0] == self.backbone.eos_id
-            for i in (~done).nonzero().flatten().tolist():
-                outputs[i].append(int(token[i, 0]))
-            done |= step + 1 >= max_new
-            if bool(done.all()):
-                break
-        return outputs
+        start = torch.full((rows.numel(),), self.start_id, dtype=torch.long, device=rows.device)
 
+        def step(token: Tensor | None) -> Tensor:
+            nonlocal cache
+            out = self._decode(sub, sub_ctx, None, (start if token is None else token).unsqueeze(1), cache=cache)
+            cache = out.past_key_values
+            return out.logits[:, -1]
+
+        return greedy(step, max_new, self.backbone.eos_id)

@@ -9,7 +9,7 @@ from transformers import BertConfig, BertModel, ByT5Tokenizer, LlamaConfig, Llam
 
 from server.backbone import Backbone, FormModule, freeze
 from server.data.spec import TaskSpec
-from server.engine import Engine, default_methods
+from server.engine import Engine, EngineConfig, default_methods
 from server.methods.attempt import AttemptConfig
 from server.methods.ip import IPConfig
 from server.methods.pha import PHAConfig
@@ -58,13 +58,13 @@ def perturb(engine: Engine, scale: float = 0.2, seed: int = 0) -> Engine:
     return engine
 
 
-def make_engine(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Engine:
+def make_engine(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32, config: EngineConfig | None = None) -> Engine:
     backbone = tiny_t5() if kind == "t5" else tiny_llama()
     backbone.model.to(device=device, dtype=dtype)
     form = None if kind == "t5" else tiny_form()
     if form is not None:
         form.model.to(device)
-    return perturb(Engine(backbone, form, default_methods(backbone, form, **SMALL_CONFIGS)))
+    return perturb(Engine(backbone, form, default_methods(backbone, form, **SMALL_CONFIGS), config))
 
 
 def add_tasks(engine: Engine, per_method: int = 2, spec: TaskSpec = CLASSIFY) -> list[str]:

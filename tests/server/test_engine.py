@@ -8,7 +8,7 @@ import torch
 from helpers import CLASSIFY, METHODS, add_tasks, make_engine
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
-from server.engine import Engine, Request
+from server.engine import Engine, EngineConfig, Request
 from server.errors import InputTooLong, InvalidRequest, NotFound
 
 TEXTS = ["a great movie", "awful", "meh, it was long and boring but fine in the end", "x", "not bad at all, really"]
@@ -221,3 +221,13 @@ def test_batch_in_flight_keeps_the_version_it_was_scheduled_with() -> None:
     engine.remove_task("pha")
     got = engine.complete(plan, engine.execute(plan))[0]
     assert got.task_version == 1 and got.scores == want_v1.scores
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_length_buckets_keep_rows_invariant(kind: str) -> None:
+    """With lengths padded up to buckets of 16 (for graph capture), every row still equals its solo run."""
+    engine = make_engine(kind, config=EngineConfig(length_multiple=16))
+    names = add_tasks(engine, per_method=1)
+    requests = [Request(n, TEXTS[i % len(TEXTS)]) for i, n in enumerate(names)]
+    for req, got in zip(requests, engine.run(requests)):
+        assert_same(got, engine.run([req])[0])
