@@ -135,13 +135,16 @@ def test_identity_modulations_reproduce_backbone_logits_exactly(kind: str) -> No
     assert torch.equal(plain, hooked)
 
 
+@pytest.mark.parametrize("kind", ["t5", "llama"])
 @pytest.mark.parametrize("method", METHODS)
-def test_isolation_adding_tasks_never_changes_others(method: str) -> None:
-    engine = make_engine("llama")
+def test_isolation_adding_and_deleting_tasks_never_changes_others(method: str, kind: str) -> None:
+    engine = make_engine(kind)
     add_tasks(engine, per_method=1)
-    before = {n: engine.run([Request(n, TEXTS[1])])[0] for n in list(engine.tasks)}
+    victim = f"{method}-0"
+    before = {n: engine.run([Request(n, TEXTS[1])])[0] for n in engine.tasks if n != victim}
     for i in range(2):
         engine.add_task(engine.new_task(f"new-{method}-{i}", method, CLASSIFY, seed=50 + i))
+    engine.remove_task(victim)
     for name, old in before.items():
         new = engine.run([Request(name, TEXTS[1])])[0]
         assert new.scores == old.scores  # bit-identical
