@@ -18,7 +18,6 @@ tasks in the forward: rows carry their task as an index and methods gather per r
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
