@@ -1,0 +1,40 @@
+"""Loading backbones from local HF folders, the uniform view, and the store fingerprint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import tiny_llama, tiny_t5
+from server.backbone import Backbone, fingerprint, load_backbone
+from server.errors import Incompatible
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_local_folder_round_trip(tmp_path, kind: str) -> None:
+    original = tiny_t5() if kind == "t5" else tiny_llama()
+    original.model.save_pretrained(tmp_path)
+    original.tokenizer.save_pretrained(tmp_path)
+    loaded = load_backbone(str(tmp_path))
+    assert loaded.kind == ("seq2seq" if kind == "t5" else "decoder")
+    assert (loaded.d_model, loaded.n_layers) == (original.d_model, original.n_layers)
+    assert loaded.fingerprint == original.fingerprint
+    assert not any(p.requires_grad for p in loaded.model.parameters()) and not loaded.model.training
+    assert loaded.encode("hello") == original.encode("hello")
+
+
+def test_fingerprint_ignores_dtype_but_not_weights() -> None:
+    backbone = tiny_llama()
+    fp32 = fingerprint(backbone.model)
+    assert fingerprint(backbone.model.to(torch.bfloat16)) == fp32
+    with torch.no_grad():
+        backbone.model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    assert fingerprint(backbone.model) != fp32
+
+
+def test_unsupported_layout_is_refused() -> None:
+    from transformers import BertConfig, BertForMaskedLM, ByT5Tokenizer
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=384, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(Incompatible):
+        Backbone.from_model(bert, ByT5Tokenizer())
