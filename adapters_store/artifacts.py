@@ -1,0 +1,125 @@
+"""Artifacts: `weights.safetensors` + `manifest.json` per published version, published atomically.
+
+Layout under the store root:
+    tasks/<name>/v<version>/{weights.safetensors, manifest.json}
+    shared/<method>/v<version>/{weights.safetensors, manifest.json}
+Publishing writes into `<parent>/.tmp-<random>/`, fsyncs both files and the folder, then renames the
+folder to `v<version>` (atomic on POSIX) and fsyncs the parent. A crash at any point leaves either no
+version folder or a complete one; stray `.tmp-*` folders are ignored by readers and removed by
+`sweep_temp`. The manifest records the sha256 of the weights file, checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.errors import Conflict, TaskservError
+from server.task import check_task_name
+
+WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
+
+
+class CorruptArtifact(TaskservError):
+    """An artifact whose files are missing, unreadable or do not match their manifest."""
+
+    type, status = "corrupt_artifact", 500
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def task_dir(root: Path, name: str, version: int) -> Path:
+    return Path(root) / "tasks" / check_task_name(name) / f"v{version}"
+
+
+def shared_dir(root: Path, method: str, version: int) -> Path:
+    return Path(root) / "shared" / check_task_name(method) / f"v{version}"
+
+
+def publish(target: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write tensors + manifest to `target` atomically; returns the manifest as written.
+    Idempotent: publishing the same weights to an existing version returns its manifest; other
+    weights under an existing version are refused (versions are immutable)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        weights = tmp / WEIGHTS
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights))
+        digest = sha256_file(weights)
+        if target.exists():
+            existing = read_manifest(target)
+            if existing.get("sha256") == digest:
+                return existing
+            raise Conflict(f"{target.parent.name} v{target.name[1:]} already exists with other weights; publish a new version")
+        full = {
+            **manifest,
+            "sha256": digest,
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
+            "created_at": manifest.get("created_at") or datetime.now(UTC).isoformat(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
+        for path in (weights, tmp / MANIFEST, tmp):
+            _fsync(path)
+        os.rename(tmp, target)  # atomic; fails if the target appeared meanwhile
+        _fsync(target.parent)
+        return full
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a leftover only on failure
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptArtifact(f"{folder}: unreadable manifest ({exc})") from exc
+
+
+def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and manifest of a published folder; the weights' sha256 must match the manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    weights = folder / WEIGHTS
+    try:
+        actual = sha256_file(weights)
+    except OSError as exc:
+        raise CorruptArtifact(f"{folder}: missing weights ({exc})") from exc
+    if actual != manifest.get("sha256"):
+        raise CorruptArtifact(f"{folder}: weights sha256 {actual[:12]}… does not match the manifest's {str(manifest.get('sha256'))[:12]}…")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CorruptArtifact(f"{folder}: unreadable weights ({exc})") from exc
+    return tensors, manifest
+
+
+def sweep_temp(root: Path) -> int:
+    """Remove temp folders left by crashed publishers; returns how many."""
+    removed = 0
+    for tmp in Path(root).glob("*/*/.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed += 1
+    return removed

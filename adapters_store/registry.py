@@ -1,0 +1,172 @@
+"""The registry of tasks, versions and jobs (SQLAlchemy 2): SQLite inside the store by default,
+Postgres by URL (`TASKSERVE_DB_URL`).
+
+A task row points at its current version; publishing a version inserts the version row and flips
+the pointer in ONE transaction, after the artifact folder is complete on disk — so a reader that
+finds a current version always finds its files. Deleting a task removes its rows (the serving
+process stops serving it on its next poll); old version folders stay until garbage-collected.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from server.errors import Conflict, NotFound
+from server.task import check_task_name
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TaskRow(Base):
+    __tablename__ = "tasks"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    method: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="ready")  # pending | ready | failed
+    current_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    task: Mapped[str] = mapped_column(ForeignKey("tasks.name", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
+    task: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+def _as_dict(row: Base) -> dict[str, Any]:
+    return {c.key: getattr(row, c.key) for c in row.__table__.columns}
+
+
+class Registry:
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url, future=True, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- tasks and versions ----------------------------------------------------------------
+    def publish_version(self, name: str, method: str, version: int, path: str, sha256: str) -> None:
+        """Insert a version and make it current, creating the task row if needed (one transaction)."""
+        check_task_name(name)
+        with self._session.begin() as s:
+            task = s.get(TaskRow, name, with_for_update=True)
+            if task is None:
+                task = TaskRow(name=name, method=method)
+                s.add(task)
+            elif task.method != method:
+                raise Conflict(f"task {name!r} exists with method {task.method!r}")
+            if s.get(VersionRow, (name, version)) is None:
+                s.add(VersionRow(task=name, version=version, path=path, sha256=sha256))
+            task.current_version, task.status, task.error = version, "ready", None
+
+    def next_version(self, name: str) -> int:
+        with self._session() as s:
+            versions = s.scalars(select(VersionRow.version).where(VersionRow.task == name)).all()
+            return max(versions, default=0) + 1
+
+    def reserve(self, name: str, method: str) -> None:
+        """Claim a new task name (status pending); 409 if it is taken."""
+        check_task_name(name)
+        try:
+            with self._session.begin() as s:
+                s.add(TaskRow(name=name, method=method, status="pending"))
+        except IntegrityError:
+            raise Conflict(f"task {name!r} already exists") from None
+
+    def get_task(self, name: str) -> dict[str, Any]:
+        with self._session() as s:
+            row = s.get(TaskRow, name)
+            if row is None:
+                raise NotFound(f"task {name!r} does not exist")
+            out = _as_dict(row)
+            if row.current_version is not None:
+                out["current"] = _as_dict(s.get(VersionRow, (name, row.current_version)))
+            return out
+
+    def list_tasks(self) -> list[dict[str, Any]]:
+        with self._session() as s:
+            return [_as_dict(r) for r in s.scalars(select(TaskRow).order_by(TaskRow.name))]
+
+    def mark_failed(self, name: str, error: str) -> None:
+        with self._session.begin() as s:
+            row = s.get(TaskRow, name)
+            if row is not None:
+                row.status, row.error = "failed", error
+
+    def delete_task(self, name: str) -> None:
+        with self._session.begin() as s:
+            row = s.get(TaskRow, name)
+            if row is None:
+                raise NotFound(f"task {name!r} does not exist")
+            for version in s.scalars(select(VersionRow).where(VersionRow.task == name)):
+                s.delete(version)
+            s.delete(row)
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    def create_job(self, task: str, request: dict[str, Any]) -> dict[str, Any]:
+        with self._session.begin() as s:
+            job = JobRow(task=task, request=request)
+            s.add(job)
+            s.flush()
+            return _as_dict(job)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        with self._session() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"job {job_id!r} does not exist")
+            return _as_dict(row)
+
+    def update_job(self, job_id: str, **fields: Any) -> dict[str, Any]:
+        if "status" in fields and fields["status"] not in JOB_STATES:
+            raise ValueError(f"status must be one of {JOB_STATES}")
+        with self._session.begin() as s:
+            row = s.get(JobRow, job_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"job {job_id!r} does not exist")
+            for key, value in fields.items():
+                setattr(row, key, value)
+            return _as_dict(row)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
