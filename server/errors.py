@@ -42,3 +42,21 @@ class Incompatible(TaskservError):
     """An artifact or operation does not fit this backbone or method (e.g. TPV origins differ)."""
 
     type, status = "incompatible", 422
+
+
+class Overloaded(TaskservError):
+    """The request queue is full; retry after `retry_after` seconds."""
+
+    type, status = "overloaded", 429
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(TaskservError):
+    type, status = "deadline_exceeded", 504
+
+
+class NotReady(TaskservError):
+    type, status = "not_ready", 503

@@ -1,0 +1,123 @@
+"""The dynamic batcher over a real (tiny) engine: mixed batches, admission control, deadlines,
+dropped callers, failure isolation and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from helpers import add_tasks, make_engine
+from server.batcher import Batcher, BatcherConfig
+from server.engine import Request
+from server.errors import DeadlineExceeded, NotFound, NotReady, Overloaded
+
+TEXTS = ["great", "awful film", "fine I guess", "x"]
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = make_engine("llama")
+    return engine, add_tasks(engine)
+
+
+def test_concurrent_requests_form_mixed_batches_equal_to_solo(served) -> None:
+    engine, names = served
+    requests = [Request(names[i % len(names)], TEXTS[i % len(TEXTS)]) for i in range(60)]
+
+    async def main():
+        batcher = Batcher(engine.run, BatcherConfig(max_rows=16, max_wait_ms=20))
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        await batcher.close()
+        return results, batcher.batch_sizes
+
+    results, sizes = asyncio.run(main())
+    assert sum(sizes) == 60 and max(sizes) > 1 and max(sizes) <= 16
+    for request, got in zip(requests, results, strict=True):
+        solo = engine.run([request])[0]
+        assert got.label == solo.label
+        assert got.scores == pytest.approx(solo.scores, abs=1e-5)
+
+
+def test_queue_full_is_429(served) -> None:
+    engine, names = served
+    gate = threading.Event()
+
+    def slow(batch):
+        gate.wait(5)
+        return engine.run(list(batch))
+
+    async def main():
+        batcher = Batcher(slow, BatcherConfig(max_rows=1, max_queue=2, max_wait_ms=1))
+        first = asyncio.ensure_future(batcher.submit(Request(names[0], "a")))
+        await asyncio.sleep(0.05)  # the first row is running (blocked); the queue is empty
+        waiting = [asyncio.ensure_future(batcher.submit(Request(names[0], "b"))) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as info:
+            await batcher.submit(Request(names[0], "c"))
+        assert info.value.status == 429 and info.value.retry_after > 0
+        gate.set()
+        await asyncio.gather(first, *waiting)
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_deadline_and_dropped_caller_never_run(served) -> None:
+    engine, names = served
+    ran: list[str] = []
+    gate = threading.Event()
+
+    def record(batch):
+        gate.wait(5)
+        ran.extend(r.text for r in batch)
+        return engine.run(list(batch))
+
+    async def main():
+        batcher = Batcher(record, BatcherConfig(max_rows=1, max_wait_ms=1))
+        blocker = asyncio.ensure_future(batcher.submit(Request(names[0], "blocker")))
+        await asyncio.sleep(0.05)
+        expired = asyncio.ensure_future(batcher.submit(Request(names[0], "expired"), timeout_s=0.01))
+        gone = asyncio.ensure_future(batcher.submit(Request(names[0], "gone")))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # the client disconnected
+        gate.set()
+        await blocker
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        await batcher.close()
+
+    asyncio.run(main())
+    assert ran == ["blocker"]
+
+
+def test_a_bad_row_fails_alone(served) -> None:
+    engine, names = served
+
+    async def main():
+        batcher = Batcher(engine.run, BatcherConfig(max_rows=8, max_wait_ms=30))
+        good = asyncio.ensure_future(batcher.submit(Request(names[0], "fine")))
+        bad = asyncio.ensure_future(batcher.submit(Request("no-such-task", "x")))
+        result = await good
+        with pytest.raises(NotFound):
+            await bad
+        await batcher.close()
+        return result
+
+    assert asyncio.run(main()).task == names[0]
+
+
+def test_close_drains_in_flight_and_refuses_new(served) -> None:
+    engine, names = served
+
+    async def main():
+        batcher = Batcher(engine.run, BatcherConfig(max_rows=4, max_wait_ms=5))
+        pending = [asyncio.ensure_future(batcher.submit(Request(names[i], "t"))) for i in range(10)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert all(p.done() and p.exception() is None for p in pending)
+        with pytest.raises(NotReady):
+            await batcher.submit(Request(names[0], "late"))
+
+    asyncio.run(main())
