@@ -13,7 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, delete, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -133,9 +133,8 @@ class Registry:
             row = s.get(TaskRow, name)
             if row is None:
                 raise NotFound(f"task {name!r} does not exist")
-            for version in s.scalars(select(VersionRow).where(VersionRow.task == name)):
-                s.delete(version)
-            s.delete(row)
+            s.execute(delete(VersionRow).where(VersionRow.task == name))
+            s.execute(delete(TaskRow).where(TaskRow.name == name))
 
     # ---- jobs ---------------------------------------------------------------------------------
     def create_job(self, task: str, request: dict[str, Any]) -> dict[str, Any]:
