@@ -60,6 +60,10 @@ class Batcher(Generic[T]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    async def run_on_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` on the engine thread between batches (e.g. a store sync touching the engine)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     @property
     def depth(self) -> int:
         return len(self._queue)

@@ -1,8 +1,9 @@
 """The `taskserve` command line.
 
-Subcommands today: `demo` (what `make serve` runs until the HTTP server lands), `predict` (one row
-against a demo task), `prepare` (convert/locate the offline models), `bench` (bench/run.py).
-`serve`, `worker`, `train`, `eval` and `tasks` arrive with the serving and learning issues.
+Subcommands today: `serve` (the HTTP API over the store), `demo` (what `make serve` runs until the
+serving issue is finished), `predict` (one row against a demo task), `prepare` (convert/locate the
+offline models), `bench` (bench/run.py). `worker`, `train`, `eval` and `tasks` arrive with the
+serving and learning issues.
 Common options: --backbone, --device, --dtype (or the TASKSERVE_* environment variables).
 """
 
@@ -73,6 +74,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api import create_app
+
+    settings = _settings(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=30)
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from server import assets
 
@@ -97,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-new-tokens", type=int, default=None)
     predict.add_argument("text")
     predict.set_defaults(func=cmd_predict)
+    serve = sub.add_parser("serve", help="run the HTTP API on TASKSERVE_HOST:TASKSERVE_PORT over the store (TASKSERVE_STORE)")
+    _common(serve)
+    serve.set_defaults(func=cmd_serve)
     prepare = sub.add_parser("prepare", help="convert / locate the offline default models")
     prepare.set_defaults(func=cmd_prepare)
     bench = sub.add_parser("bench", help="run the benchmark harness (arguments go to bench/run.py)")

@@ -60,3 +60,7 @@ class DeadlineExceeded(TaskservError):
 
 class NotReady(TaskservError):
     type, status = "not_ready", 503
+
+
+class Unauthorized(TaskservError):
+    type, status = "unauthorized", 401

@@ -64,6 +64,34 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port the HTTP server listens on (0 = any free port)."""
 
+    db_url: str | None = None
+    """Registry database URL (SQLAlchemy), e.g. `postgresql+psycopg://user@host/db`; default: a
+    SQLite file inside the store."""
+
+    api_key: str | None = None
+    """When set, task-changing endpoints require `Authorization: Bearer <key>` (or `X-API-Key`)."""
+
+    max_batch_rows: int = Field(default=64, ge=1)
+    """Most rows the dynamic batcher puts in one forward."""
+
+    max_batch_tokens: int = Field(default=16384, ge=1)
+    """Most input characters (a token estimate) in one batch."""
+
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    """How long a batch waits for more rows after its first."""
+
+    max_queue: int = Field(default=1024, ge=1)
+    """Most rows waiting; more get 429 with Retry-After."""
+
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """Deadline of a prediction row, queueing included (504 past it)."""
+
+    max_input_tokens: int = Field(default=1024, ge=1)
+    """Longest rendered input in tokens (413 past it)."""
+
+    sync_interval_s: float = Field(default=1.0, gt=0)
+    """How often the server re-reads the registry to hot-load published, updated and deleted tasks."""
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:

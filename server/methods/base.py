@@ -80,6 +80,14 @@ class Method(nn.Module):
             raise InvalidRequest(f"init: method {self.method_id} takes no init options, got {sorted(init)}")
         return nn.ParameterDict(), {}
 
+    def resolve_init(self, init: dict[str, Any], tasks: dict[str, Task]) -> dict[str, Any]:
+        """Turn an API `init` (names of other tasks, plain numbers) into what `init_task` takes."""
+        return init
+
+    def ready_without_training(self, spec: TaskSpec, init: dict[str, Any]) -> bool:
+        """Whether a task created with this init (and no examples) is useful at once (HTTP 201)."""
+        return False
+
     def render(self, spec: TaskSpec, text: str) -> str:
         return spec.render(text)
 

@@ -87,6 +87,9 @@ class InspirationalPointer(Method):
             return nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in self.nets.items()}), {}
         return nn.ParameterDict(), {}
 
+    def ready_without_training(self, spec: TaskSpec, init: dict[str, Any]) -> bool:
+        return bool(spec.description)  # zero-shot transfer through the description (seed 000 §4.5.2)
+
     def render(self, spec: TaskSpec, text: str) -> str:
         return spec.render(text, with_description=True)
 

@@ -52,6 +52,9 @@ class PromptTuning(Method):
             prompt = sample_vocab_rows(embedding, self.config.n_virtual, generator, self.config.init_vocab)
         return nn.ParameterDict({"prompt": nn.Parameter(prompt)}), {}
 
+    def ready_without_training(self, spec: TaskSpec, init: dict[str, Any]) -> bool:
+        return "prompt" in init  # an explicit (e.g. imported) prompt
+
     def static(self, task: Task) -> dict[str, Tensor]:
         return {"prompt": task.params["prompt"]}  # [m, d]
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
-from server.errors import Incompatible, InvalidRequest
+from server.errors import Incompatible, InvalidRequest, NotFound
 from server.methods.base import BackboneDims, Method, RowGroup, register, sample_vocab_rows, stack_prompts
 from server.task import Task
 
@@ -119,6 +119,27 @@ class TaskPromptVectors(Method):
         else:
             tau = torch.zeros_like(theta, device="cpu")
         return nn.ParameterDict({"tau": nn.Parameter(tau)}), {"origin": origin}
+
+    def resolve_init(self, init: dict[str, Any], tasks: dict[str, Task]) -> dict[str, Any]:
+        """{"combine": {"task_a": 1.0, "task_b": 0.5}} -> {"vectors": [(τ_a, 1.0), (τ_b, 0.5)]}."""
+        if "combine" not in init:
+            return init
+        weighted = []
+        for name, weight in dict(init["combine"]).items():
+            task = tasks.get(name)
+            if task is None:
+                raise NotFound(f"init.combine: task {name!r} does not exist")
+            if task.method != self.method_id:
+                raise Incompatible(f"init.combine: task {name!r} is a {task.method} task, not a tpv one")
+            weighted.append((self.vector(task), float(weight)))
+        rest = {k: v for k, v in init.items() if k != "combine"}
+        origins = {v.origin for v, _ in weighted}
+        if "origin" not in rest and len(origins) == 1:
+            rest["origin"] = origins.pop()
+        return {**rest, "vectors": weighted}
+
+    def ready_without_training(self, spec: TaskSpec, init: dict[str, Any]) -> bool:
+        return bool(init.get("vectors"))  # τ = Σ λ_k τ_k needs no training (seed 001 eq 7)
 
     def static(self, task: Task) -> dict[str, Tensor]:
         return {"prompt": self.theta_init(task.meta["origin"]) + task.params["tau"]}  # [m, d]

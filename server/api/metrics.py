@@ -1,0 +1,16 @@
+"""Prometheus metrics, one registry per app (tests start several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("taskserve_request_seconds", "Prediction request latency", ["route"], registry=self.registry)
+        self.queue_time = Histogram("taskserve_queue_seconds", "Time a row waited before its batch ran", registry=self.registry)
+        self.batch_rows = Histogram("taskserve_batch_rows", "Rows per executed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.predictions = Counter("taskserve_predictions_total", "Predicted rows", ["task", "outcome"], registry=self.registry)
+        self.tasks_loaded = Gauge("taskserve_tasks_loaded", "Tasks the engine serves", registry=self.registry)
+        self.queue_depth = Gauge("taskserve_queue_depth", "Rows waiting for a batch", registry=self.registry)

@@ -1,0 +1,143 @@
+"""Thin routes over AppState: validation in the schemas, work in the engine / store / batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.api.app import AppState
+from server.api.schemas import JobPublic, PredictRequest, PredictResult, PredictResults, TaskCreate, TaskCreated, TaskList, TaskPublic
+from server.data.spec import TaskSpec
+from server.engine import Request as Row
+from server.errors import Conflict, InvalidRequest, NotReady, TaskservError, Unauthorized
+
+router = APIRouter()
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState | None = getattr(request.app.state, "taskserve", None)
+    if state is None or not state.ready:
+        raise NotReady("the server is starting or stopping")
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def require_key(state: State, authorization: Annotated[str | None, Header()] = None, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    expected = state.settings.api_key
+    if not expected:
+        return
+    given = x_api_key or (authorization.removeprefix("Bearer ").strip() if authorization else "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("this endpoint needs the API key (Authorization: Bearer <key> or X-API-Key)")
+
+
+Admin = Depends(require_key)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: State) -> dict[str, object]:
+    await asyncio.to_thread(state.store.registry.list_tasks)  # the store answers
+    return {"status": "ready", "tasks": len(state.engine.tasks), "backbone": state.engine.backbone.fingerprint}
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    state.metrics.queue_depth.set(state.batcher.depth)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/v1/predict", response_model=PredictResult | PredictResults)
+async def predict(body: PredictRequest, state: State):
+    start = time.perf_counter()
+    rows = body.rows()
+
+    async def one(row) -> PredictResult:
+        try:
+            result = await state.batcher.submit(Row(row.task, row.text, body.options.max_new_tokens), tokens=len(row.text) + 1)
+        except TaskservError as exc:
+            state.metrics.predictions.labels(row.task if row.task in state.engine.tasks else "_unknown", exc.type).inc()
+            raise
+        state.metrics.predictions.labels(row.task, "ok").inc()
+        return PredictResult(task=result.task, output=result.output, label=result.label, scores=result.scores if body.options.return_scores else None, task_version=result.task_version)
+
+    results = await asyncio.gather(*(one(r) for r in rows))
+    state.metrics.latency.labels("predict").observe(time.perf_counter() - start)
+    return results[0] if body.inputs is None else PredictResults(results=list(results))
+
+
+def _public(state: AppState, row: dict) -> TaskPublic:
+    served = state.engine.tasks.get(row["name"])
+    spec = dataclasses.asdict(served.spec) if served is not None else None
+    if spec is not None:
+        spec.pop("extra", None)
+    return TaskPublic(name=row["name"], method=row["method"], status=row["status"], version=row["current_version"], served=served is not None, error=row.get("error"), spec=spec)
+
+
+@router.get("/v1/tasks", response_model=TaskList)
+async def list_tasks(state: State) -> TaskList:
+    rows = await asyncio.to_thread(state.store.registry.list_tasks)
+    return TaskList(tasks=[_public(state, r) for r in rows])
+
+
+@router.get("/v1/tasks/{name}", response_model=TaskPublic)
+async def show_task(name: str, state: State) -> TaskPublic:
+    return _public(state, await asyncio.to_thread(state.store.registry.get_task, name))
+
+
+@router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin])
+async def delete_task(name: str, state: State) -> Response:
+    await asyncio.to_thread(state.store.registry.delete_task, name)
+    await state.batcher.run_on_engine_thread(state.engine.remove_task, name)
+    return Response(status_code=204)
+
+
+@router.post("/v1/tasks", status_code=201, response_model=TaskCreated, dependencies=[Admin])
+async def create_task(body: TaskCreate, state: State, response: Response) -> TaskCreated:
+    engine, registry = state.engine, state.store.registry
+    spec = _spec(body, engine.backbone.is_encoder_decoder)
+    method = engine.method(body.method)
+    init = method.resolve_init(body.init, engine.tasks)
+    if body.examples:
+        await asyncio.to_thread(registry.reserve, body.name, body.method)
+        job = await asyncio.to_thread(registry.create_job, body.name, body.model_dump(mode="json"))
+        response.status_code = 202
+        return TaskCreated(task=_public(state, await asyncio.to_thread(registry.get_task, body.name)), job=job["id"])
+    if not method.ready_without_training(spec, init):
+        raise InvalidRequest(f"examples: a {body.method} task with this init needs training examples")
+    if body.name in {row["name"] for row in await asyncio.to_thread(registry.list_tasks)}:
+        raise Conflict(f"task {body.name!r} already exists")
+    task = engine.new_task(body.name, body.method, spec, init=init)
+
+    def publish_and_load() -> None:
+        state.store.publish(task, engine.backbone.fingerprint)
+        engine.add_task(task)
+
+    await state.batcher.run_on_engine_thread(publish_and_load)
+    return TaskCreated(task=_public(state, await asyncio.to_thread(registry.get_task, body.name)))
+
+
+def _spec(body: TaskCreate, seq2seq: bool) -> TaskSpec:
+    labels = tuple(body.labels or ())
+    template = body.template or ("{text}" if seq2seq else "Input: {text}\nAnswer:")
+    if labels and not seq2seq:
+        labels = tuple(label if label.startswith(" ") else f" {label}" for label in labels)
+    return TaskSpec(template=template, labels=labels, description=body.description, scoring=body.scoring)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobPublic)
+async def show_job(job_id: str, state: State) -> JobPublic:
+    job = await asyncio.to_thread(state.store.registry.get_job, job_id)
+    return JobPublic(**{k: job[k] for k in JobPublic.model_fields})

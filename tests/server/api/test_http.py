@@ -1,0 +1,150 @@
+"""The HTTP API end to end: a real uvicorn server on a loopback port over a tiny T5 saved as a local
+HF folder, a real store (SQLite) shared with a second Store handle that plays another process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from adapters_store.store import Store
+from helpers import tiny_t5
+from server.api import create_app
+from server.backbone import load_backbone
+from server.data.spec import TaskSpec
+from server.engine import Engine
+from server.settings import Settings
+
+KEY = {"Authorization": "Bearer s3cret"}
+SPEC = TaskSpec(template="review: {text}", labels=("negative", "positive"), description="Tell me the sentiment:")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[str, Path, Engine]]:
+    root = tmp_path_factory.mktemp("api")
+    backbone = tiny_t5()
+    backbone.model.save_pretrained(root / "model")
+    backbone.tokenizer.save_pretrained(root / "model")
+    settings = Settings(backbone=str(root / "model"), store=root / "store", device="cpu", dtype="float32", api_key="s3cret", sync_interval_s=0.2, max_input_tokens=300)
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    # a second "process": its own engine over the same folder, publishing into the same store
+    other = Engine(load_backbone(str(root / "model")))
+    yield url, root / "store", other
+    srv.should_exit = True
+    thread.join(10)
+
+
+def error(resp: httpx.Response, status: int, kind: str) -> None:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"]["type"] == kind and body["error"]["message"]
+
+
+def test_health_and_ready(server) -> None:
+    url, _, _ = server
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
+    assert "taskserve_queue_depth" in httpx.get(f"{url}/metrics").text
+
+
+def test_ip_from_description_is_created_at_once_and_served(server) -> None:
+    url, _, _ = server
+    body = {"name": "sent-ip", "method": "ip", "description": "Tell me the sentiment:", "labels": ["negative", "positive"], "template": "review: {text}"}
+    error(httpx.post(f"{url}/v1/tasks", json=body), 401, "unauthorized")
+    created = httpx.post(f"{url}/v1/tasks", json=body, headers=KEY)
+    assert created.status_code == 201 and created.json()["task"]["served"] is True
+    error(httpx.post(f"{url}/v1/tasks", json=body, headers=KEY), 409, "conflict")
+    got = httpx.post(f"{url}/v1/predict", json={"task": "sent-ip", "text": "great"}).json()
+    assert got["task"] == "sent-ip" and got["label"] in ("negative", "positive") and got["task_version"] == 1
+    assert sum(got["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hot_load_from_another_process_then_tpv_combine_then_delete(server) -> None:
+    url, store_root, other = server
+    writer = Store(store_root)
+    for i in range(2):
+        task = other.new_task(f"tpv-{i}", "tpv", SPEC, seed=i)
+        with __import__("torch").no_grad():
+            task.params["tau"].normal_()
+        writer.publish(task, other.backbone.fingerprint)
+    start = time.monotonic()
+    while httpx.post(f"{url}/v1/predict", json={"task": "tpv-1", "text": "x"}).status_code != 200:
+        assert time.monotonic() - start < 2.0, "a published task must be servable within 2 s"
+        time.sleep(0.05)
+    combined = httpx.post(f"{url}/v1/tasks", json={"name": "tpv-mix", "method": "tpv", "labels": ["negative", "positive"], "template": "review: {text}", "init": {"combine": {"tpv-0": 1.0, "tpv-1": 0.5}}}, headers=KEY)
+    assert combined.status_code == 201, combined.text
+    batch = httpx.post(f"{url}/v1/predict", json={"inputs": [{"task": "tpv-mix", "text": "a"}, {"task": "tpv-0", "text": "b"}]}).json()
+    assert [r["task"] for r in batch["results"]] == ["tpv-mix", "tpv-0"]
+    assert httpx.delete(f"{url}/v1/tasks/tpv-0", headers=KEY).status_code == 204
+    error(httpx.post(f"{url}/v1/predict", json={"task": "tpv-0", "text": "b"}), 404, "not_found")
+    writer.close()
+
+
+def test_training_request_is_queued_as_a_job(server) -> None:
+    url, _, _ = server
+    body = {"name": "pha-new", "method": "pha", "labels": ["no", "yes"], "examples": [{"text": "a", "label": "yes"}, {"text": "b", "label": "no"}]}
+    created = httpx.post(f"{url}/v1/tasks", json=body, headers=KEY)
+    assert created.status_code == 202 and created.json()["task"]["status"] == "pending"
+    job = httpx.get(f"{url}/v1/jobs/{created.json()['job']}").json()
+    assert job["status"] == "queued" and job["task"] == "pha-new"
+    error(httpx.get(f"{url}/v1/jobs/nope"), 404, "not_found")
+    error(httpx.post(f"{url}/v1/tasks", json={"name": "pt", "method": "prompt_tuning", "labels": ["a"]}, headers=KEY), 422, "invalid_request")
+
+
+@pytest.mark.parametrize("body", [{}, {"task": "x"}, {"text": "y"}, {"task": "a", "text": "b", "inputs": [{"task": "a", "text": "b"}]}, {"inputs": []}, {"task": 3, "text": []}, {"task": "a", "text": "b", "extra": 1}])
+def test_bad_bodies_are_422(server, body) -> None:
+    url, _, _ = server
+    error(httpx.post(f"{url}/v1/predict", json=body), 422, "invalid_request")
+
+
+def test_unknown_task_404_and_too_long_413(server) -> None:
+    url, _, _ = server
+    error(httpx.post(f"{url}/v1/predict", json={"task": "missing", "text": "x"}), 404, "not_found")
+    error(httpx.post(f"{url}/v1/predict", json={"task": "sent-ip", "text": "x" * 1000}), 413, "input_too_long")
+    error(httpx.get(f"{url}/v1/tasks/missing"), 404, "not_found")
+
+
+def test_concurrent_mixed_requests_equal_solo(server) -> None:
+    url, _, _ = server
+    tasks = [t["name"] for t in httpx.get(f"{url}/v1/tasks").json()["tasks"] if t["served"]]
+    assert len(tasks) >= 2
+    rows = [{"task": tasks[i % len(tasks)], "text": f"review number {i}"} for i in range(60)]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            together = await asyncio.gather(*(client.post("/v1/predict", json=r) for r in rows))
+            solo = [await client.post("/v1/predict", json=r) for r in rows]
+            return together, solo
+
+    together, solo = asyncio.run(main())
+    for a, b in zip(together, solo, strict=True):
+        assert a.status_code == b.status_code == 200
+        ja, jb = a.json(), b.json()
+        assert ja["label"] == jb["label"]
+        for label, p in jb["scores"].items():
+            assert ja["scores"][label] == pytest.approx(p, abs=1e-5)
