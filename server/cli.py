@@ -84,6 +84,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace):
+    import os
+
+    from client import Client
+
+    settings = _settings(args)
+    url = args.url or os.environ.get("TASKSERVE_URL") or f"http://{settings.host}:{settings.port}"
+    return Client(url, api_key=settings.api_key)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        if args.action == "list":
+            for task in client.tasks():
+                print(f"{task['name']:<32} {task['method']:<14} v{task['version']}  {task['status']:<8} {'served' if task['served'] else '-'}")
+        elif args.action == "show":
+            print(json.dumps(client.task(args.name), indent=2))
+        else:
+            client.delete_task(args.name)
+            print(f"deleted {args.name}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        print(json.dumps(client.job(args.id), indent=2))
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from server import assets
 
@@ -111,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP API on TASKSERVE_HOST:TASKSERVE_PORT over the store (TASKSERVE_STORE)")
     _common(serve)
     serve.set_defaults(func=cmd_serve)
+    tasks = sub.add_parser("tasks", help="list / show / delete tasks on a running server (TASKSERVE_URL)")
+    tasks.add_argument("action", choices=("list", "show", "delete"))
+    tasks.add_argument("name", nargs="?")
+    tasks.add_argument("--url", help="server URL (default TASKSERVE_URL or http://TASKSERVE_HOST:TASKSERVE_PORT)")
+    tasks.set_defaults(func=cmd_tasks)
+    jobs = sub.add_parser("jobs", help="show a training job on a running server")
+    jobs.add_argument("action", choices=("show",))
+    jobs.add_argument("id")
+    jobs.add_argument("--url")
+    jobs.set_defaults(func=cmd_jobs)
     prepare = sub.add_parser("prepare", help="convert / locate the offline default models")
     prepare.set_defaults(func=cmd_prepare)
     bench = sub.add_parser("bench", help="run the benchmark harness (arguments go to bench/run.py)")
@@ -120,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "action", None) in ("show", "delete") and args.func is cmd_tasks and not args.name:
+        parser.error(f"tasks {args.action} needs a task name")
     try:
         return args.func(args)
     except TaskservError as exc:

@@ -148,3 +148,47 @@ def test_concurrent_mixed_requests_equal_solo(server) -> None:
         assert ja["label"] == jb["label"]
         for label, p in jb["scores"].items():
             assert ja["scores"][label] == pytest.approx(p, abs=1e-5)
+
+
+def test_python_clients_share_calls_and_map_errors(server) -> None:
+    from client import AsyncClient, Client
+    from server.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+
+    url, _, _ = server
+    with Client(url, api_key="s3cret") as client:
+        created = client.create_task("cli-ip", "ip", description="Tell me the sentiment:", labels=["negative", "positive"], template="review: {text}")
+        assert created["task"]["served"]
+        one = client.predict("cli-ip", "lovely")
+        many = client.predict_many([("cli-ip", "lovely"), ("sent-ip", "awful")])
+        assert one.label == many[0].label and one.scores == pytest.approx(many[0].scores, abs=1e-5)
+        assert many[1].task == "sent-ip"
+        assert "cli-ip" in [t["name"] for t in client.tasks()] and client.task("cli-ip")["version"] == 1
+        with pytest.raises(NotFound):
+            client.predict("nope", "x")
+        with pytest.raises(Conflict):
+            client.create_task("cli-ip", "ip", description="d", labels=["a", "b"])
+        with pytest.raises(InvalidRequest):
+            client.create_task("Bad Name", "ip")
+        client.delete_task("cli-ip")
+        with pytest.raises(NotFound):
+            client.task("cli-ip")
+    with Client(url) as anonymous, pytest.raises(Unauthorized):
+        anonymous.delete_task("sent-ip")
+
+    async def main():
+        async with AsyncClient(url) as client:
+            return await asyncio.gather(*(client.predict("sent-ip", f"text {i}") for i in range(5)))
+
+    assert [p.task for p in asyncio.run(main())] == ["sent-ip"] * 5
+
+
+def test_cli_tasks_and_jobs_over_the_client(server, capsys) -> None:
+    from server.cli import main
+
+    url, _, _ = server
+    assert main(["tasks", "list", "--url", url]) == 0
+    assert "sent-ip" in capsys.readouterr().out
+    assert main(["tasks", "show", "sent-ip", "--url", url]) == 0
+    assert '"method": "ip"' in capsys.readouterr().out
+    assert main(["tasks", "show", "missing", "--url", url]) == 1
+    assert "not_found" in capsys.readouterr().err
