@@ -109,7 +109,10 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
     engine, registry = state.engine, state.store.registry
     spec = _spec(body, engine.backbone.is_encoder_decoder)
     method = engine.method(body.method)
-    init = method.resolve_init(body.init, engine.tasks)
+    try:  # init is method-specific free-form JSON: malformed values are the caller's error, not a 500
+        init = method.resolve_init(body.init, engine.tasks)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"init: {exc}") from None
     if body.examples:
         await asyncio.to_thread(registry.reserve, body.name, body.method)
         job = await asyncio.to_thread(registry.create_job, body.name, body.model_dump(mode="json"))
@@ -119,7 +122,10 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
         raise InvalidRequest(f"examples: a {body.method} task with this init needs training examples")
     if body.name in {row["name"] for row in await asyncio.to_thread(registry.list_tasks)}:
         raise Conflict(f"task {body.name!r} already exists")
-    task = engine.new_task(body.name, body.method, spec, init=init)
+    try:
+        task = engine.new_task(body.name, body.method, spec, init=init)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidRequest(f"init: {exc}") from None
 
     def publish_and_load() -> None:
         state.store.publish(task, engine.backbone.fingerprint)

@@ -192,3 +192,37 @@ def test_cli_tasks_and_jobs_over_the_client(server, capsys) -> None:
     assert '"method": "ip"' in capsys.readouterr().out
     assert main(["tasks", "show", "missing", "--url", url]) == 1
     assert "not_found" in capsys.readouterr().err
+
+
+def test_fuzzed_bodies_never_5xx(server) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    url, _, _ = server
+    scalars = st.none() | st.booleans() | st.integers(-5, 2000) | st.text(max_size=30) | st.sampled_from(["sent-ip", "ip", "tpv", "pha", "{text}"])
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+    keys = st.sampled_from(["task", "text", "inputs", "options", "name", "method", "labels", "examples", "init", "description", "template", "scoring", "max_new_tokens"])
+    bodies = st.dictionaries(keys, values, max_size=5)
+    client = httpx.Client(base_url=url, timeout=30, headers=KEY)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(["/v1/predict", "/v1/tasks"]), body=bodies)
+    def check(path: str, body: dict) -> None:
+        response = client.post(path, json=body)
+        assert response.status_code < 500, (path, body, response.text)
+        if response.status_code >= 400:
+            assert response.json()["error"]["type"]
+        elif path == "/v1/tasks":  # a fuzzed body that created a task: clean up
+            client.delete(f"/v1/tasks/{body['name']}")
+
+    check()
+    client.close()
+
+
+@pytest.mark.parametrize("init", [{"combine": 5}, {"combine": {"sent-ip": 1.0}}, {"combine": {"tpv-1": "heavy"}}, {"prompt": "abc"}, {"prompt": [[1.0, 2.0]]}])
+def test_malformed_init_is_a_client_error(server, init) -> None:
+    url, _, _ = server
+    method = "prompt_tuning" if "prompt" in init else "tpv"
+    response = httpx.post(f"{url}/v1/tasks", json={"name": "bad-init", "method": method, "labels": ["a", "b"], "init": init}, headers=KEY)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["type"]
