@@ -226,3 +226,42 @@ def test_malformed_init_is_a_client_error(server, init) -> None:
     response = httpx.post(f"{url}/v1/tasks", json={"name": "bad-init", "method": method, "labels": ["a", "b"], "init": init}, headers=KEY)
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["error"]["type"]
+
+
+def test_200_concurrent_requests_over_all_five_methods_equal_solo(server) -> None:
+    """Acceptance (serving issue): 200 concurrent requests over >= 10 tasks of all five methods, all
+    answered, each equal (label and scores) to its solo answer."""
+    import torch
+
+    url, store_root, other = server
+    writer = Store(store_root)
+    names = []
+    for method in ("prompt_tuning", "tpv", "attempt", "ip", "pha"):
+        for i in range(2):
+            task = other.new_task(f"e2e-{method}-{i}", method, SPEC, seed=10 + i)
+            with torch.no_grad():
+                for p in task.params.values():
+                    p.add_(torch.randn_like(p) * 0.5)
+            writer.publish(task, other.backbone.fingerprint)
+            names.append(task.name)
+    writer.close()
+    deadline = time.monotonic() + 5
+    while not all(t["served"] for t in httpx.get(f"{url}/v1/tasks").json()["tasks"] if t["name"] in names):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rows = [{"task": names[i % len(names)], "text": f"review {i}: " + "good " * (i % 7)} for i in range(200)]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            together = await asyncio.gather(*(client.post("/v1/predict", json=r) for r in rows))
+            solo = [await client.post("/v1/predict", json=r) for r in rows]
+            return together, solo
+
+    together, solo = asyncio.run(main())
+    assert len({r.json()["task"] for r in together}) == 10
+    for a, b in zip(together, solo, strict=True):
+        assert a.status_code == b.status_code == 200
+        ja, jb = a.json(), b.json()
+        assert ja["label"] == jb["label"]
+        for label, p in jb["scores"].items():
+            assert ja["scores"][label] == pytest.approx(p, abs=1e-5)
