@@ -81,3 +81,12 @@ def add_tasks(engine: Engine, per_method: int = 2, spec: TaskSpec = CLASSIFY) ->
             names.append(name)
     return names
 
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for a test server."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -4,7 +4,6 @@ HF folder, a real store (SQLite) shared with a second Store handle that plays an
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 import uvicorn
 
 from adapters_store.store import Store
-from helpers import tiny_t5
+from helpers import free_port, tiny_t5
 from server.api import create_app
 from server.backbone import load_backbone
 from server.data.spec import TaskSpec
@@ -24,12 +23,6 @@ from server.settings import Settings
 
 KEY = {"Authorization": "Bearer s3cret"}
 SPEC = TaskSpec(template="review: {text}", labels=("negative", "positive"), description="Tell me the sentiment:")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +50,25 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path, Engine]]:
     yield url, root / "store", other
     srv.should_exit = True
     thread.join(10)
+
+
+def assert_concurrent_equals_solo(url: str, rows: list[dict]) -> list[dict]:
+    """Send rows all at once, then one by one: every concurrent answer equals its solo answer."""
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            together = await asyncio.gather(*(client.post("/v1/predict", json=r) for r in rows))
+            solo = [await client.post("/v1/predict", json=r) for r in rows]
+            return together, solo
+
+    together, solo = asyncio.run(main())
+    for a, b in zip(together, solo, strict=True):
+        assert a.status_code == b.status_code == 200
+        ja, jb = a.json(), b.json()
+        assert ja["label"] == jb["label"]
+        for label, p in jb["scores"].items():
+            assert ja["scores"][label] == pytest.approx(p, abs=1e-5)
+    return [r.json() for r in together]
 
 
 def error(resp: httpx.Response, status: int, kind: str) -> None:
@@ -134,20 +146,7 @@ def test_concurrent_mixed_requests_equal_solo(server) -> None:
     tasks = [t["name"] for t in httpx.get(f"{url}/v1/tasks").json()["tasks"] if t["served"]]
     assert len(tasks) >= 2
     rows = [{"task": tasks[i % len(tasks)], "text": f"review number {i}"} for i in range(60)]
-
-    async def main():
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            together = await asyncio.gather(*(client.post("/v1/predict", json=r) for r in rows))
-            solo = [await client.post("/v1/predict", json=r) for r in rows]
-            return together, solo
-
-    together, solo = asyncio.run(main())
-    for a, b in zip(together, solo, strict=True):
-        assert a.status_code == b.status_code == 200
-        ja, jb = a.json(), b.json()
-        assert ja["label"] == jb["label"]
-        for label, p in jb["scores"].items():
-            assert ja["scores"][label] == pytest.approx(p, abs=1e-5)
+    assert_concurrent_equals_solo(url, rows)
 
 
 def test_python_clients_share_calls_and_map_errors(server) -> None:
@@ -250,18 +249,5 @@ def test_200_concurrent_requests_over_all_five_methods_equal_solo(server) -> Non
         assert time.monotonic() < deadline
         time.sleep(0.05)
     rows = [{"task": names[i % len(names)], "text": f"review {i}: " + "good " * (i % 7)} for i in range(200)]
-
-    async def main():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            together = await asyncio.gather(*(client.post("/v1/predict", json=r) for r in rows))
-            solo = [await client.post("/v1/predict", json=r) for r in rows]
-            return together, solo
-
-    together, solo = asyncio.run(main())
-    assert len({r.json()["task"] for r in together}) == 10
-    for a, b in zip(together, solo, strict=True):
-        assert a.status_code == b.status_code == 200
-        ja, jb = a.json(), b.json()
-        assert ja["label"] == jb["label"]
-        for label, p in jb["scores"].items():
-            assert ja["scores"][label] == pytest.approx(p, abs=1e-5)
+    answers = assert_concurrent_equals_solo(url, rows)
+    assert len({a["task"] for a in answers}) == 10

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,12 @@ import httpx
 import pytest
 
 from adapters_store.store import Store
-from helpers import tiny_t5
+from helpers import free_port, tiny_t5
 from server.backbone import load_backbone
 from server.data.spec import TaskSpec
 from server.engine import Engine
 
 SPEC = TaskSpec(template="review: {text}", labels=("negative", "positive"), description="Tell me the sentiment:")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
