@@ -108,6 +108,10 @@ class Registry:
         except IntegrityError:
             raise Conflict(f"task {name!r} already exists") from None
 
+    def exists(self, name: str) -> bool:
+        with self._session() as s:
+            return s.get(TaskRow, name) is not None
+
     def get_task(self, name: str) -> dict[str, Any]:
         with self._session() as s:
             row = s.get(TaskRow, name)

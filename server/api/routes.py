@@ -15,6 +15,7 @@ from server.api.app import AppState
 from server.api.schemas import JobPublic, PredictRequest, PredictResult, PredictResults, TaskCreate, TaskCreated, TaskList, TaskPublic
 from server.data.spec import TaskSpec
 from server.engine import Request as Row
+from server.task import Task
 from server.errors import Conflict, InvalidRequest, NotReady, TaskservError, Unauthorized
 
 router = APIRouter()
@@ -78,23 +79,25 @@ async def predict(body: PredictRequest, state: State):
     return results[0] if body.inputs is None else PredictResults(results=list(results))
 
 
-def _public(state: AppState, row: dict) -> TaskPublic:
-    served = state.engine.tasks.get(row["name"])
-    spec = dataclasses.asdict(served.spec) if served is not None else None
+def _public(row: dict, served: dict[str, Task]) -> TaskPublic:
+    """A registry row as the API shows it; `served` is the engine's task table (read once per call)."""
+    task = served.get(row["name"])
+    spec = dataclasses.asdict(task.spec) if task is not None else None
     if spec is not None:
         spec.pop("extra", None)
-    return TaskPublic(name=row["name"], method=row["method"], status=row["status"], version=row["current_version"], served=served is not None, error=row.get("error"), spec=spec)
+    return TaskPublic(name=row["name"], method=row["method"], status=row["status"], version=row["current_version"], served=task is not None, error=row.get("error"), spec=spec)
 
 
 @router.get("/v1/tasks", response_model=TaskList)
 async def list_tasks(state: State) -> TaskList:
     rows = await asyncio.to_thread(state.store.registry.list_tasks)
-    return TaskList(tasks=[_public(state, r) for r in rows])
+    served = state.engine.tasks
+    return TaskList(tasks=[_public(r, served) for r in rows])
 
 
 @router.get("/v1/tasks/{name}", response_model=TaskPublic)
 async def show_task(name: str, state: State) -> TaskPublic:
-    return _public(state, await asyncio.to_thread(state.store.registry.get_task, name))
+    return _public(await asyncio.to_thread(state.store.registry.get_task, name), state.engine.tasks)
 
 
 @router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin])
@@ -117,10 +120,10 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
         await asyncio.to_thread(registry.reserve, body.name, body.method)
         job = await asyncio.to_thread(registry.create_job, body.name, body.model_dump(mode="json"))
         response.status_code = 202
-        return TaskCreated(task=_public(state, await asyncio.to_thread(registry.get_task, body.name)), job=job["id"])
+        return TaskCreated(task=_public(await asyncio.to_thread(registry.get_task, body.name), engine.tasks), job=job["id"])
     if not method.ready_without_training(spec, init):
         raise InvalidRequest(f"examples: a {body.method} task with this init needs training examples")
-    if body.name in {row["name"] for row in await asyncio.to_thread(registry.list_tasks)}:
+    if await asyncio.to_thread(registry.exists, body.name):
         raise Conflict(f"task {body.name!r} already exists")
     try:
         task = engine.new_task(body.name, body.method, spec, init=init)
@@ -132,7 +135,7 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
         engine.add_task(task)
 
     await state.batcher.run_on_engine_thread(publish_and_load)
-    return TaskCreated(task=_public(state, await asyncio.to_thread(registry.get_task, body.name)))
+    return TaskCreated(task=_public(await asyncio.to_thread(registry.get_task, body.name), engine.tasks))
 
 
 def _spec(body: TaskCreate, seq2seq: bool) -> TaskSpec:

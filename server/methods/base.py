@@ -125,6 +125,12 @@ def stack_prompts(prompts: list[Tensor], task_slot: Tensor) -> tuple[Tensor, Ten
     return table[task_slot], lengths[task_slot]
 
 
+def add_static_prompts(group: RowGroup, ctx: BatchContext) -> None:
+    """Prefix every row with its task's cached prompt (`static["prompt"]`): prompt tuning and TPV."""
+    prompts, lengths = stack_prompts([s["prompt"] for s in group.statics], group.task_slot)
+    ctx.add_prefix(group.rows, prompts, lengths)  # [g, m, d]
+
+
 REGISTRY: dict[str, type[Method]] = {}
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
-from server.methods.base import BackboneDims, Method, RowGroup, register, sample_vocab_rows, stack_prompts
+from server.methods.base import BackboneDims, Method, RowGroup, add_static_prompts, register, sample_vocab_rows
 from server.task import Task
 
 
@@ -59,8 +59,7 @@ class PromptTuning(Method):
         return {"prompt": task.params["prompt"]}  # [m, d]
 
     def modulate(self, group: RowGroup, ctx: BatchContext) -> None:
-        prompts, lengths = stack_prompts([s["prompt"] for s in group.statics], group.task_slot)
-        ctx.add_prefix(group.rows, prompts, lengths)  # [g, m, d]
+        add_static_prompts(group, ctx)
 
     def param_count(self) -> dict[str, int]:
         return {"shared": 0, "per_task": self.config.n_virtual * self.dims.d_model}
