@@ -1,6 +1,8 @@
 """The registry of tasks, versions and jobs (SQLAlchemy 2): SQLite inside the store by default,
 Postgres by URL (`TASKSERVE_DB_URL`).
 
+Shared method modules (IP nets, PHA hypernetwork, ATTEMPT sources, TPV origins) are versioned the
+same way in `modules`; a task version records the module version it was made with.
 A task row points at its current version; publishing a version inserts the version row and flips
 the pointer in ONE transaction, after the artifact folder is complete on disk — so a reader that
 finds a current version always finds its files. Deleting a task removes its rows (the serving
@@ -13,7 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, delete, event, select
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, delete, event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -45,6 +47,17 @@ class TaskRow(Base):
 class VersionRow(Base):
     __tablename__ = "versions"
     task: Mapped[str] = mapped_column(ForeignKey("tasks.name", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ModuleRow(Base):
+    """A published version of a method's shared module; the highest version is the current one."""
+
+    __tablename__ = "modules"
+    method: Mapped[str] = mapped_column(String(32), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -139,6 +152,27 @@ class Registry:
                 raise NotFound(f"task {name!r} does not exist")
             s.execute(delete(VersionRow).where(VersionRow.task == name))
             s.execute(delete(TaskRow).where(TaskRow.name == name))
+
+    # ---- shared modules ------------------------------------------------------------------------
+    def add_module(self, method: str, version: int, path: str, sha256: str) -> bool:
+        """Register a published module version; False if that version exists already (another
+        process published it first)."""
+        try:
+            with self._session.begin() as s:
+                s.add(ModuleRow(method=method, version=version, path=path, sha256=sha256))
+            return True
+        except IntegrityError:
+            return False
+
+    def current_modules(self) -> dict[str, int]:
+        """method -> highest published version."""
+        with self._session() as s:
+            rows = s.execute(select(ModuleRow.method, func.max(ModuleRow.version)).group_by(ModuleRow.method)).all()
+            return {method: version for method, version in rows}
+
+    def module_exists(self, method: str, version: int) -> bool:
+        with self._session() as s:
+            return s.get(ModuleRow, (method, version)) is not None
 
     # ---- jobs ---------------------------------------------------------------------------------
     def create_job(self, task: str, request: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ The backbone is frozen (`eval()`, no grads) and never written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -186,6 +187,10 @@ class FormModule:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 256
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.model)
 
     @property
     def n_layers(self) -> int:

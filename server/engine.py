@@ -17,7 +17,9 @@ tasks in the forward: rows carry their task as an index and methods gather per r
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +29,14 @@ from torch import Tensor, nn
 from server.backbone import Backbone, FormModule, masked_mean
 from server.batch import BatchContext, pack_rows
 from server.data.spec import TaskSpec
-from server.errors import InputTooLong, InvalidRequest, NotFound
+from server.errors import Incompatible, InputTooLong, InvalidRequest, NotFound
 from server.hooks import ContextHooks
 from server.methods import BackboneDims, Method, RowGroup, method_class
 from server.runners import DecoderRunner, Encoded, Seq2SeqRunner, pad_ids
 from server.task import Task
+
+
+ModuleKey = tuple[str, int]  # (method id, shared-module version)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class EngineConfig:
     """Pad sequence lengths up to a multiple of this so shapes fall into buckets (for CUDA-graph
     capture). 1 by default: padding forces the masked attention path even when every row has the
     same length (+5% on CPU at SmolLM2 shape, and no flash kernel on GPU)."""
+    task_memory_bytes: int | None = None
+    """Bound on device memory for per-task tensors (params + cached statics). Least recently used
+    tasks are evicted and rebuilt on demand from their host copy; None = no bound."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +82,17 @@ class Result:
 
 @dataclass(frozen=True, eq=False)
 class LoadedTask:
-    """A servable task version with what the engine derived from it once: the method's static
-    tensors (on the device) and the label verbalizers' token ids."""
+    """A task version resident on the device, with what the engine derived from it once: the
+    method's static tensors and the label verbalizers' token ids."""
 
-    task: Task
+    task: Task  # params on the engine's device
     static: dict[str, Tensor]
     targets: list[list[int]]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.task.params.values(), *self.static.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -91,7 +104,7 @@ class Plan:
     prompt_ids: list[list[int]]
     form_texts: list[str]
     max_new: list[int]
-    groups: dict[str, list[int]] = field(default_factory=dict)  # method id -> rows
+    groups: dict[ModuleKey, list[int]] = field(default_factory=dict)  # (method id, module version) -> rows
 
     @property
     def tasks(self) -> list[Task]:
@@ -147,55 +160,131 @@ class Engine:
         self.backbone, self.form, self.config = backbone, form, config or EngineConfig()
         self.dims = backbone_dims(backbone, form)
         self.methods = nn.ModuleDict(methods if methods is not None else default_methods(backbone, form))
+        """The CURRENT shared module of each method: new tasks are made with it."""
         self.methods.to(backbone.device)  # method weights stay fp32; their outputs are cast per batch
+        self.module_versions: dict[str, int] = {m: 0 for m in self.methods}
+        self._older: dict[ModuleKey, Method] = {}  # superseded module versions that loaded tasks still use
         self.hooks = ContextHooks(backbone)
         runner_cls = Seq2SeqRunner if backbone.is_encoder_decoder else DecoderRunner
         self.runner = runner_cls(backbone, self.hooks, self.config.length_multiple)
-        self._loaded: dict[str, LoadedTask] = {}
-        self._lock = threading.Lock()  # add/remove vs. a batch being scheduled on another thread
+        self._tasks: dict[str, Task] = {}  # every servable task; params on the host
+        self._resident: OrderedDict[str, LoadedTask] = OrderedDict()  # device copies, least recent first
+        self._lock = threading.RLock()  # add/remove vs. a batch being scheduled on another thread
+
+    # ---- shared modules ------------------------------------------------------------------------
+    def method(self, method_id: str, version: int | None = None) -> Method:
+        """The shared module of `method_id` at `version` (None: the current one)."""
+        if method_id not in self.methods:
+            method_class(method_id)  # raises InvalidRequest naming the known ids
+            raise InvalidRequest(f"method: {method_id!r} is not loaded in this engine")
+        if version is None or version == self.module_versions[method_id]:
+            return self.methods[method_id]  # type: ignore[return-value]
+        older = self._older.get((method_id, version))
+        if older is None:
+            raise Incompatible(f"shared {method_id} module v{version} is not loaded (current: v{self.module_versions[method_id]})")
+        return older
+
+    @property
+    def form_fingerprint(self) -> str | None:
+        return self.form.fingerprint if self.form is not None else None
+
+    def has_module(self, method_id: str, version: int) -> bool:
+        return self.module_versions.get(method_id) == version or (method_id, version) in self._older
+
+    def set_module(self, method_id: str, version: int, module: Method, *, current: bool = True) -> None:
+        """Install a shared module version. As `current`, new tasks use it; tasks already loaded keep
+        the version they were made with, so their outputs never change."""
+        module.to(self.backbone.device).requires_grad_(False)
+        with self._lock:
+            if not current:
+                self._older[(method_id, version)] = module
+                return
+            previous = self.module_versions.get(method_id)
+            if previous is not None and previous != version:
+                self._older[(method_id, previous)] = self.methods[method_id]  # type: ignore[assignment]
+            self._older.pop((method_id, version), None)
+            self.methods[method_id] = module
+            self.module_versions[method_id] = version
+            self._drop_unused_modules()
+
+    def _drop_unused_modules(self) -> None:
+        used = {(t.method, t.module_version) for t in self._tasks.values()}
+        for key in [k for k in self._older if k not in used]:
+            del self._older[key]
 
     # ---- task lifecycle (idempotent) -------------------------------------------------------
     @property
     def tasks(self) -> dict[str, Task]:
         with self._lock:
-            return {name: loaded.task for name, loaded in self._loaded.items()}
+            return dict(self._tasks)
+
+    @property
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(entry.nbytes for entry in self._resident.values())
 
     def loaded(self, name: str) -> LoadedTask:
-        loaded = self._loaded.get(name)
-        if loaded is None:
-            raise NotFound(f"task {name!r} does not exist")
-        return loaded
-
-    def method(self, method_id: str) -> Method:
-        if method_id not in self.methods:
-            method_class(method_id)  # raises InvalidRequest naming the known ids
-            raise InvalidRequest(f"method: {method_id!r} is not loaded in this engine")
-        return self.methods[method_id]  # type: ignore[return-value]
+        """The device-resident version of a task, rebuilt from its host copy if it was evicted."""
+        with self._lock:
+            entry = self._resident.get(name)
+            if entry is None:
+                task = self._tasks.get(name)
+                if task is None:
+                    raise NotFound(f"task {name!r} does not exist")
+                entry = self._resident[name] = self._make_resident(task)
+            self._resident.move_to_end(name)
+            return entry
 
     def new_task(self, name: str, method: str, spec: TaskSpec, *, init: dict[str, Any] | None = None, seed: int = 0, version: int = 1) -> Task:
-        """A fresh task (not yet added): per-task params from the method's initialisation."""
+        """A fresh task (not yet added): per-task params from the current module's initialisation."""
         m = self.method(method)
         if m.uses_form and not self.backbone.is_encoder_decoder and self.form is None:
             raise InvalidRequest(f"method: {method} on a decoder-only backbone needs a form module")
         generator = torch.Generator().manual_seed(seed)
         params, meta = m.init_task(spec, self.backbone.embedding.weight, generator, init or {})
-        return Task(name=name, method=method, spec=spec, params=params, version=version, meta=meta)
+        return Task(name=name, method=method, spec=spec, params=params, version=version, meta=meta, module_version=self.module_versions[method])
 
     def add_task(self, task: Task) -> None:
-        """Make `task` servable; a newer version replaces the old one atomically."""
-        method = self.method(task.method)
-        task.params.to(self.backbone.device)
-        with torch.no_grad():
-            static = {k: v.detach() for k, v in method.static(task).items()}
-        targets = [self.backbone.encode_target(label) for label in task.spec.labels]
-        if any(not t for t in targets):
-            raise InvalidRequest(f"labels: a label of task {task.name!r} encodes to no tokens")
+        """Make `task` servable; a newer version replaces the old one atomically. Its tensors are
+        checked (static computed) now, so a broken task fails here, not inside a batch."""
+        entry = self._make_resident(task)
+        host = task if all(p.device.type == "cpu" for p in task.params.values()) else _with_params(task, "cpu")
         with self._lock:
-            self._loaded[task.name] = LoadedTask(task, static, targets)
+            self._tasks[task.name] = host
+            self._resident[task.name] = entry
+            self._resident.move_to_end(task.name)
+            self._evict(keep={task.name})
+            self._drop_unused_modules()
 
     def remove_task(self, name: str) -> None:
         with self._lock:
-            self._loaded.pop(name, None)
+            self._tasks.pop(name, None)
+            self._resident.pop(name, None)
+            self._drop_unused_modules()
+
+    def _make_resident(self, task: Task) -> LoadedTask:
+        method = self.method(task.method, task.module_version)
+        device_task = _with_params(task, self.backbone.device)
+        with torch.no_grad():
+            static = {k: v.detach() for k, v in method.static(device_task).items()}
+        targets = [self.backbone.encode_target(label) for label in task.spec.labels]
+        if any(not t for t in targets):
+            raise InvalidRequest(f"labels: a label of task {task.name!r} encodes to no tokens")
+        return LoadedTask(device_task, static, targets)
+
+    def _evict(self, keep: set[str]) -> None:
+        """Drop least recently used device copies until under the bound (never those in `keep`:
+        the batch being scheduled). A batch in flight holds its own references, so eviction never
+        pulls tensors from under it."""
+        budget = self.config.task_memory_bytes
+        if budget is None:
+            return
+        total = sum(entry.nbytes for entry in self._resident.values())
+        for name in list(self._resident):
+            if total <= budget:
+                break
+            if name not in keep:
+                total -= self._resident.pop(name).nbytes
 
     # ---- schedule → execute → complete -----------------------------------------------------
     def run(self, requests: list[Request]) -> list[Result]:
@@ -207,9 +296,10 @@ class Engine:
             raise InvalidRequest("inputs: at least one row is required")
         with self._lock:
             loaded = [self.loaded(r.task) for r in requests]
+            self._evict(keep={r.task for r in requests})
         tasks = [entry.task for entry in loaded]
         plan = Plan(loaded=loaded, prompt_ids=[], form_texts=[], max_new=[])
-        texts = [self.method(task.method).render(task.spec, req.text) for req, task in zip(requests, tasks)]
+        texts = [self.method(task.method, task.module_version).render(task.spec, req.text) for req, task in zip(requests, tasks)]
         for row, (req, task, text, ids) in enumerate(zip(requests, tasks, texts, self.backbone.encode_batch(texts))):
             if len(ids) > self.config.max_input_tokens:
                 raise InputTooLong(f"text: {len(ids)} tokens after the {task.name!r} template, limit {self.config.max_input_tokens}")
@@ -219,7 +309,7 @@ class Engine:
             plan.prompt_ids.append(ids)
             plan.form_texts.append(text)
             plan.max_new.append(max_new)
-            plan.groups.setdefault(task.method, []).append(row)
+            plan.groups.setdefault((task.method, task.module_version), []).append(row)
         return plan
 
     @torch.no_grad()
@@ -250,8 +340,8 @@ class Engine:
         token_mask = (torch.arange(ids.shape[1], device=device) < lengths.unsqueeze(1)).long()
         ctx = BatchContext(len(plan.tasks), self.backbone.d_model, self.backbone.n_layers, device, self.backbone.dtype, capture_features=capture)
         groups: dict[str, RowGroup] = {}
-        for method_id, rows in plan.groups.items():
-            method = self.method(method_id)
+        for key, rows in plan.groups.items():
+            method = self.method(*key)
             distinct = list(dict.fromkeys(plan.loaded[r] for r in rows))
             slot_of = {id(entry): i for i, entry in enumerate(distinct)}
             index = torch.tensor(rows, device=device)
@@ -262,27 +352,33 @@ class Engine:
                 statics=[method.static(entry.task) if live else entry.static for entry in distinct],
                 embeds=token_embeds[index],
                 mask=token_mask[index],
-                peers=[t for t in self.tasks.values() if t.method == method_id] if live else [],
+                peers=self._peers(key) if live else [],
             )
             method.modulate(group, ctx)
-            groups[method_id] = group
-        form_groups = {m: g for m, g in groups.items() if self.method(m).uses_form}
+            groups[key] = group
+        form_groups = {k: g for k, g in groups.items() if self.method(*k).uses_form}
         if form_groups and not self.backbone.is_encoder_decoder:
-            for method_id, group in form_groups.items():
+            for key, group in form_groups.items():
                 form = self.form.layer_states([plan.form_texts[r] for r in group.rows.tolist()])  # [n1, g, d1]
-                self.method(method_id).modulate_from_form(group, ctx, form.to(device))
+                self.method(*key).modulate_from_form(group, ctx, form.to(device))
         ctx.assemble()
         embeds, mask = pack_rows(ctx.prefix, ctx.prefix_len, token_embeds, lengths, left_pad=self.runner.left_pad, multiple=self.config.length_multiple)
         enc = self.runner.encode(embeds, mask, ctx, want_form=bool(form_groups) and self.backbone.is_encoder_decoder)
         if enc.form is not None:  # T5: the encoder pass just produced IP's form states
-            for method_id, group in form_groups.items():
-                self.method(method_id).modulate_from_form(group, ctx, enc.form[:, group.rows])
+            for key, group in form_groups.items():
+                self.method(*key).modulate_from_form(group, ctx, enc.form[:, group.rows])
             ctx.assemble()
         if capture and ctx.features is not None:
             pooled = masked_mean(ctx.features, enc.mask)  # [b, d]
             for group in groups.values():
                 group.features = pooled[group.rows]
         return enc, ctx, groups
+
+    def _peers(self, key: ModuleKey) -> list[Task]:
+        """Training: the device copies of every task of this module (PHA's contrastive negatives)."""
+        with self._lock:
+            names = [n for n, t in self._tasks.items() if (t.method, t.module_version) == key]
+        return [self.loaded(n).task for n in names]
 
     def _read_out(self, plan: Plan, enc: Encoded, ctx: BatchContext) -> Output:
         device = self.backbone.device
@@ -325,12 +421,23 @@ class Engine:
             if not task.spec.is_classification and not self.backbone.is_encoder_decoder:
                 ids = ids + [self.backbone.eos_id]  # teach generative tasks to stop
             targets.append(ids)
-        capture = any(self.method(m).wants_features for m in plan.groups)
+        capture = any(self.method(*k).wants_features for k in plan.groups)
         enc, ctx, groups = self._encode(plan, live=True, capture=capture)
         rows = torch.arange(len(examples), device=self.backbone.device)
         logp = self.runner.label_logprobs(enc, ctx, rows, targets)  # [b, n]
         count = sum(len(t) for t in targets)
         lm = -logp.sum() / count
-        extra = [x for m, g in groups.items() if (x := self.method(m).extra_loss(g)) is not None]
+        extra = [x for k, g in groups.items() if (x := self.method(*k).extra_loss(g)) is not None]
         aux = torch.stack(extra).sum() if extra else lm.new_zeros(())
         return {"loss": lm + aux, "lm": lm, "aux": aux}
+
+
+def _with_params(task: Task, device: torch.device | str) -> Task:
+    """`task` with its params on `device`. Params already there are shared, not copied, so a
+    trainer's parameters stay the leaves that receive gradients."""
+    device = torch.device(device)
+    params = nn.ParameterDict()
+    for key, p in task.params.items():
+        same = p.device.type == device.type and (device.index is None or p.device.index == device.index)
+        params[key] = p if same else nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+    return dataclasses.replace(task, params=params)

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     sync_interval_s: float = Field(default=1.0, gt=0)
     """How often the server re-reads the registry to hot-load published, updated and deleted tasks."""
 
+    task_memory_mb: float = Field(default=2048.0, ge=0)
+    """Device memory for per-task tensors; least recently used tasks are evicted and rebuilt on demand. 0 = no bound."""
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:

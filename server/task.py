@@ -31,6 +31,9 @@ class Task:
     params: nn.ParameterDict = field(default_factory=nn.ParameterDict)
     version: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
+    module_version: int = 0
+    """Version of the method's shared module this task was made with (0: the engine's built-in
+    initialisation, never published). A task is only ever served with that module version."""
 
     def __post_init__(self) -> None:
         check_task_name(self.name)

@@ -47,7 +47,8 @@ def load_engine(settings: Settings) -> Engine:
     form = None
     if not backbone.is_encoder_decoder and settings.form_module != "none":
         form = load_form_module(assets.resolve_form_module(settings.form_module, settings.cache_dir), device=device)
-    return Engine(backbone, form, config=EngineConfig(max_input_tokens=settings.max_input_tokens))
+    memory = None if not settings.task_memory_mb else int(settings.task_memory_mb * 2**20)
+    return Engine(backbone, form, config=EngineConfig(max_input_tokens=settings.max_input_tokens, task_memory_bytes=memory))
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         batcher = Batcher(run_batch, BatcherConfig(settings.max_batch_rows, settings.max_batch_tokens, settings.max_wait_ms, settings.max_queue, settings.request_timeout_s))
         state = AppState(settings, eng, store, batcher, metrics)
         app.state.taskserve = state
-        await batcher.run_on_engine_thread(store.sync, eng)
+        await batcher.run_on_engine_thread(store.attach, eng)
         metrics.tasks_loaded.set(len(eng.tasks))
         state.ready = True
         poller = asyncio.create_task(_poll(state))

@@ -13,4 +13,5 @@ class Metrics:
         self.batch_rows = Histogram("taskserve_batch_rows", "Rows per executed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.predictions = Counter("taskserve_predictions_total", "Predicted rows", ["task", "outcome"], registry=self.registry)
         self.tasks_loaded = Gauge("taskserve_tasks_loaded", "Tasks the engine serves", registry=self.registry)
+        self.task_memory = Gauge("taskserve_task_memory_bytes", "Device memory held by resident per-task tensors", registry=self.registry)
         self.queue_depth = Gauge("taskserve_queue_depth", "Rows waiting for a batch", registry=self.registry)

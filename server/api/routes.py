@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.api.app import AppState
 from server.api.schemas import JobPublic, PredictRequest, PredictResult, PredictResults, TaskCreate, TaskCreated, TaskList, TaskPublic
 from server.data.spec import TaskSpec
-from server.engine import Request as Row
+from server.engine import Request as Row, Result
 from server.task import Task
 from server.errors import Conflict, InvalidRequest, NotReady, TaskservError, Unauthorized
 
@@ -57,6 +57,7 @@ async def readyz(state: State) -> dict[str, object]:
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
     state.metrics.queue_depth.set(state.batcher.depth)
+    state.metrics.task_memory.set(state.engine.resident_bytes)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -72,11 +73,21 @@ async def predict(body: PredictRequest, state: State):
             state.metrics.predictions.labels(row.task if row.task in state.engine.tasks else "_unknown", exc.type).inc()
             raise
         state.metrics.predictions.labels(row.task, "ok").inc()
-        return PredictResult(task=result.task, output=result.output, label=result.label, scores=result.scores if body.options.return_scores else None, task_version=result.task_version)
+        return _public_result(result, body.options.return_scores)
 
     results = await asyncio.gather(*(one(r) for r in rows))
     state.metrics.latency.labels("predict").observe(time.perf_counter() - start)
     return results[0] if body.inputs is None else PredictResults(results=list(results))
+
+
+def _public_result(result: Result, return_scores: bool) -> PredictResult:
+    """Labels as the user wrote them: decoder-only verbalizers carry a leading space for
+    tokenization (" positive"), which is not part of the label."""
+    if result.label is None:
+        return PredictResult(task=result.task, output=result.output, task_version=result.task_version)
+    scores = {k.strip(): v for k, v in result.scores.items()} if return_scores and result.scores else None
+    label = result.label.strip()
+    return PredictResult(task=result.task, output=label, label=label, scores=scores, task_version=result.task_version)
 
 
 def _public(row: dict, served: dict[str, Task]) -> TaskPublic:
@@ -85,6 +96,7 @@ def _public(row: dict, served: dict[str, Task]) -> TaskPublic:
     spec = dataclasses.asdict(task.spec) if task is not None else None
     if spec is not None:
         spec.pop("extra", None)
+        spec["labels"] = [label.strip() for label in spec["labels"]]
     return TaskPublic(name=row["name"], method=row["method"], status=row["status"], version=row["current_version"], served=task is not None, error=row.get("error"), spec=spec)
 
 

@@ -45,8 +45,8 @@ class PredictRequest(Strict):
 class PredictResult(BaseModel):
     task: str
     output: str
-    label: str | None
-    scores: dict[str, float] | None
+    label: str | None = None
+    scores: dict[str, float] | None = None
     task_version: int
 
 

@@ -103,6 +103,10 @@ class Method(nn.Module):
     def extra_loss(self, group: RowGroup) -> Tensor | None:
         return None
 
+    def load_shared(self, tensors: dict[str, Tensor]) -> None:
+        """Load published shared state (a `state_dict()` read back from the store); strict."""
+        self.load_state_dict(tensors, strict=True)
+
     def param_count(self) -> dict[str, int]:
         """Trainable parameter counts from the documented formulas (docs/methods.md):
         `shared` for the method's shared modules, `per_task` for one task."""

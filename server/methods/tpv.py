@@ -95,6 +95,13 @@ class TaskPromptVectors(Method):
             return
         self.origins[origin] = nn.Parameter(theta_init.float(), requires_grad=False)
 
+    def load_shared(self, tensors: dict[str, Tensor]) -> None:
+        for key, value in tensors.items():  # origins are keyed by id: create the slots first
+            origin = key.removeprefix("origins.")
+            if origin not in self.origins:
+                self.origins[origin] = nn.Parameter(torch.empty_like(value), requires_grad=False)
+        super().load_shared(tensors)
+
     def theta_init(self, origin: str) -> Tensor:
         if origin not in self.origins:
             raise Incompatible(f"tpv origin {origin!r} is unknown; known: {sorted(self.origins)}")

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from adapters_store.registry import Registry
+from serving import postgres_database
 from server.errors import Conflict, InvalidRequest, NotFound
-
-PG_ADMIN = os.environ.get("TASKSERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def registry(request, tmp_path: Path) -> Iterator[Registry]:
@@ -22,20 +18,10 @@ def registry(request, tmp_path: Path) -> Iterator[Registry]:
         yield reg
         reg.close()
         return
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server at {PG_ADMIN}: {exc}")
-    name = f"taskserve_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    reg = Registry(PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}")
-    try:
+    with postgres_database() as url:
+        reg = Registry(url)
         yield reg
-    finally:
         reg.close()
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def test_versions_flip_in_one_step(registry: Registry) -> None:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from adapters_store import artifacts
+import pytest
+import torch
+
+from adapters_store import artifacts, codec
 from adapters_store.store import Store
-from helpers import CLASSIFY, make_engine
+from helpers import CLASSIFY, METHODS, make_engine
 from server.engine import Request
+from server.errors import Incompatible
 
 
 def test_publish_sync_update_delete_and_corrupt(tmp_path: Path) -> None:
     trainer, server = make_engine("llama"), make_engine("llama")  # same seeds: same backbone fingerprint
     assert trainer.backbone.fingerprint == server.backbone.fingerprint
     writer, reader = Store(tmp_path), Store(tmp_path)
+    writer.attach(trainer)  # publishes the built-in shared modules as v1
     a = trainer.new_task("a", "prompt_tuning", CLASSIFY, seed=1)
     b = trainer.new_task("b", "pha", CLASSIFY, seed=2)
     for task in (a, b):
@@ -46,8 +52,56 @@ def test_publish_sync_update_delete_and_corrupt(tmp_path: Path) -> None:
 def test_other_backbone_is_refused_without_harm(tmp_path: Path) -> None:
     engine = make_engine("llama")
     store = Store(tmp_path)
+    store.attach(engine)
     task = engine.new_task("x", "tpv", CLASSIFY)
     store.publish(task, "some-other-backbone")
     report = store.sync(engine)
     assert "x" in report.failed and "backbone" in report.failed["x"] and not engine.tasks
     assert store.registry.get_task("x")["status"] == "failed"
+
+
+def test_shared_modules_are_versioned_in_the_store_and_tasks_keep_theirs(tmp_path: Path) -> None:
+    trainer = make_engine("llama")
+    writer = Store(tmp_path)
+    writer.attach(trainer)
+    assert writer.registry.current_modules() == {m: 1 for m in METHODS}
+    old = trainer.new_task("old-ip", "ip", CLASSIFY, seed=3)
+    writer.publish(old, trainer.backbone.fingerprint)
+    trainer.add_task(old)
+    want_old = trainer.run([Request("old-ip", "a fine film")])[0].scores
+
+    retrained = copy.deepcopy(trainer.methods["ip"])  # what multi-task training would produce
+    with torch.no_grad():
+        for p in retrained.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    assert writer.publish_module(trainer, "ip", retrained) == 2
+    writer.sync(trainer)
+    assert trainer.module_versions["ip"] == 2
+    new = trainer.new_task("new-ip", "ip", CLASSIFY, seed=3)
+    assert new.module_version == 2
+    writer.publish(new, trainer.backbone.fingerprint)
+
+    fresh = make_engine("llama")  # another process starting on this store
+    reader = Store(tmp_path)
+    report = reader.attach(fresh)
+    assert sorted(report.loaded) == ["new-ip", "old-ip"] and not report.failed
+    assert fresh.module_versions["ip"] == 2 and fresh.has_module("ip", 1)
+    got = fresh.run([Request("old-ip", "a fine film"), Request("new-ip", "a fine film")])
+    assert got[0].scores == pytest.approx(want_old, abs=1e-6)
+    assert got[1].scores != got[0].scores  # same per-task init, different shared nets
+
+    stale = trainer.new_task("needs-v9", "ip", CLASSIFY)
+    stale.module_version = 9
+    with pytest.raises(Incompatible, match="module v9"):
+        writer.publish(stale, trainer.backbone.fingerprint)
+
+
+def test_shared_module_for_another_backbone_is_refused(tmp_path: Path) -> None:
+    t5, llama = make_engine("t5"), make_engine("llama")
+    store = Store(tmp_path)
+    store.attach(t5)
+    folder = artifacts.shared_dir(tmp_path, "attempt", 1)
+    with pytest.raises(Incompatible, match="backbone"):
+        codec.load_module(folder, llama.dims, llama.backbone.fingerprint, llama.form_fingerprint)
+    module = codec.load_module(folder, t5.dims, t5.backbone.fingerprint, t5.form_fingerprint)
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), t5.methods["attempt"].state_dict().values()))

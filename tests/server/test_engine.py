@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,7 +12,7 @@ from helpers import CLASSIFY, METHODS, add_tasks, make_engine
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.engine import Engine, EngineConfig, Request
-from server.errors import InputTooLong, InvalidRequest, NotFound
+from server.errors import Incompatible, InputTooLong, InvalidRequest, NotFound
 
 TEXTS = ["a great movie", "awful", "meh, it was long and boring but fine in the end", "x", "not bad at all, really"]
 GENERATE = TaskSpec(template="Q: {text}\nA:", description="Answer the question:", max_new_tokens=5)
@@ -234,3 +237,46 @@ def test_length_buckets_keep_rows_invariant(kind: str) -> None:
     requests = [Request(n, TEXTS[i % len(TEXTS)]) for i, n in enumerate(names)]
     for req, got in zip(requests, engine.run(requests)):
         assert_same(got, engine.run([req])[0])
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_task_memory_bound_evicts_lru_and_reloads_bit_identical(kind: str) -> None:
+    unbounded = make_engine(kind)
+    names = add_tasks(unbounded, per_method=2)
+    one_task = max(unbounded.loaded(n).nbytes for n in names)
+    bounded = make_engine(kind, config=EngineConfig(task_memory_bytes=3 * one_task))
+    for name in names:
+        bounded.add_task(unbounded.tasks[name])
+    assert bounded.resident_bytes <= 3 * one_task < unbounded.resident_bytes
+    requests = [Request(n, "a fine film") for n in names]
+    want = [unbounded.run([r])[0] for r in requests]
+    for _ in range(2):  # every task is evicted and rebuilt from its host copy at least once
+        for request, expected in zip(requests, want):
+            got = bounded.run([request])[0]
+            assert got.scores == expected.scores, request.task
+            assert bounded.resident_bytes <= 3 * one_task
+    mixed = bounded.run(requests)  # a batch needing more than the bound still runs, then shrinks back
+    assert [r.scores for r in mixed] == [r.scores for r in unbounded.run(requests)]
+    bounded.run([requests[0]])
+    assert bounded.resident_bytes <= 3 * one_task
+
+
+def test_new_shared_module_version_leaves_existing_tasks_untouched() -> None:
+    engine = make_engine("llama")
+    add_tasks(engine, per_method=1)
+    requests = [Request(f"{m}-0", "a fine film") for m in METHODS]
+    before = [r.scores for r in engine.run(requests)]
+    for method in METHODS:  # a retrained shared module (e.g. multi-task training) becomes v1
+        retrained = copy.deepcopy(engine.methods[method])
+        with torch.no_grad():
+            for p in retrained.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        engine.set_module(method, 1, retrained)
+    assert [r.scores for r in engine.run(requests)] == before  # old tasks keep module v0
+    fresh = engine.new_task("fresh-ip", "ip", CLASSIFY)
+    assert fresh.module_version == 1
+    engine.add_task(fresh)
+    engine.remove_task("ip-0")  # nothing uses ip v0 any more: it is dropped
+    assert not engine.has_module("ip", 0) and engine.has_module("pha", 0)
+    with pytest.raises(Incompatible):
+        engine.add_task(dataclasses.replace(fresh, name="stale", module_version=7))

@@ -4,18 +4,16 @@ HF folder, a real store (SQLite) shared with a second Store handle that plays an
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from adapters_store.store import Store
-from helpers import free_port, tiny_t5
-from server.api import create_app
+from helpers import tiny_t5
+from serving import assert_concurrent_equals_solo, error, running_server
 from server.backbone import load_backbone
 from server.data.spec import TaskSpec
 from server.engine import Engine
@@ -32,49 +30,9 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path, Engine]]:
     backbone.model.save_pretrained(root / "model")
     backbone.tokenizer.save_pretrained(root / "model")
     settings = Settings(backbone=str(root / "model"), store=root / "store", device="cpu", dtype="float32", api_key="s3cret", sync_interval_s=0.2, max_input_tokens=300)
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    # a second "process": its own engine over the same folder, publishing into the same store
-    other = Engine(load_backbone(str(root / "model")))
-    yield url, root / "store", other
-    srv.should_exit = True
-    thread.join(10)
-
-
-def assert_concurrent_equals_solo(url: str, rows: list[dict]) -> list[dict]:
-    """Send rows all at once, then one by one: every concurrent answer equals its solo answer."""
-
-    async def main():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            together = await asyncio.gather(*(client.post("/v1/predict", json=r) for r in rows))
-            solo = [await client.post("/v1/predict", json=r) for r in rows]
-            return together, solo
-
-    together, solo = asyncio.run(main())
-    for a, b in zip(together, solo, strict=True):
-        assert a.status_code == b.status_code == 200
-        ja, jb = a.json(), b.json()
-        assert ja["label"] == jb["label"]
-        for label, p in jb["scores"].items():
-            assert ja["scores"][label] == pytest.approx(p, abs=1e-5)
-    return [r.json() for r in together]
-
-
-def error(resp: httpx.Response, status: int, kind: str) -> None:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert body["error"]["type"] == kind and body["error"]["message"]
+    with running_server(settings) as url:
+        # a second "process": its own engine over the same folder, publishing into the same store
+        yield url, root / "store", Engine(load_backbone(str(root / "model")))
 
 
 def test_health_and_ready(server) -> None:
@@ -99,6 +57,7 @@ def test_ip_from_description_is_created_at_once_and_served(server) -> None:
 def test_hot_load_from_another_process_then_tpv_combine_then_delete(server) -> None:
     url, store_root, other = server
     writer = Store(store_root)
+    writer.attach(other)
     for i in range(2):
         task = other.new_task(f"tpv-{i}", "tpv", SPEC, seed=i)
         with __import__("torch").no_grad():
@@ -234,6 +193,7 @@ def test_200_concurrent_requests_over_all_five_methods_equal_solo(server) -> Non
 
     url, store_root, other = server
     writer = Store(store_root)
+    writer.attach(other)
     names = []
     for method in ("prompt_tuning", "tpv", "attempt", "ip", "pha"):
         for i in range(2):

@@ -30,6 +30,7 @@ def model_and_store(tmp_path_factory) -> tuple[Path, Path]:
     backbone.tokenizer.save_pretrained(root / "model")
     engine = Engine(load_backbone(str(root / "model")))
     store = Store(root / "store")
+    store.attach(engine)
     store.publish(engine.new_task("sent", "ip", SPEC), engine.backbone.fingerprint)
     store.close()
     return root / "model", root / "store"
