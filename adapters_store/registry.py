@@ -12,7 +12,7 @@ process stops serving it on its next poll); old version folders stay until garba
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, delete, event, func, select
@@ -73,6 +73,9 @@ class JobRow(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
 
@@ -113,10 +116,15 @@ class Registry:
             return max(versions, default=0) + 1
 
     def reserve(self, name: str, method: str) -> None:
-        """Claim a new task name (status pending); 409 if it is taken."""
+        """Claim a new task name (status pending); 409 if it is taken. A name whose only trace is a
+        failed training (no version) can be claimed again."""
         check_task_name(name)
         try:
             with self._session.begin() as s:
+                row = s.get(TaskRow, name, with_for_update=True)
+                if row is not None and row.status == "failed" and row.current_version is None:
+                    row.method, row.status, row.error = method, "pending", None
+                    return
                 s.add(TaskRow(name=name, method=method, status="pending"))
         except IntegrityError:
             raise Conflict(f"task {name!r} already exists") from None
@@ -199,6 +207,73 @@ class Registry:
             for key, value in fields.items():
                 setattr(row, key, value)
             return _as_dict(row)
+
+    def claim_job(self, worker: str, lease_s: float, max_attempts: int) -> dict[str, Any] | None:
+        """The oldest queued job, now running under `worker` with a lease; None if none is queued.
+        Running jobs whose lease expired (their worker died) are first re-queued, or failed after
+        `max_attempts`. Two workers never claim the same job (row locks; SQLite serialises writes)."""
+        now = _now()
+        with self._session.begin() as s:
+            expired = s.scalars(select(JobRow).where(JobRow.status == "running", JobRow.lease_until < now).with_for_update(skip_locked=True)).all()
+            for job in expired:
+                if job.attempts >= max_attempts:
+                    job.status, job.error, job.worker = "failed", f"worker {job.worker} stopped renewing its lease; gave up after {job.attempts} attempts", None
+                    self._fail_reservation(s, job.task, job.error)
+                else:
+                    job.status, job.worker, job.lease_until = "queued", None, None
+            job = s.scalars(select(JobRow).where(JobRow.status == "queued").order_by(JobRow.created_at).limit(1).with_for_update(skip_locked=True)).first()
+            if job is None:
+                return None
+            job.status, job.worker, job.attempts = "running", worker, job.attempts + 1
+            job.lease_until = now + timedelta(seconds=lease_s)
+            return _as_dict(job)
+
+    def renew_job(self, job_id: str, worker: str, lease_s: float, progress: dict[str, Any] | None = None) -> str:
+        """Extend `worker`'s lease (and record progress); returns the job's status — `cancelled`
+        tells the worker to stop. A worker that lost its lease gets `lost`."""
+        with self._session.begin() as s:
+            job = s.get(JobRow, job_id, with_for_update=True)
+            if job is None:
+                return "cancelled"
+            if job.status != "running" or job.worker != worker:
+                return job.status if job.status == "cancelled" else "lost"
+            job.lease_until = _now() + timedelta(seconds=lease_s)
+            if progress is not None:
+                job.progress = progress
+            return job.status
+
+    def finish_job(self, job_id: str, worker: str, status: str, *, metrics: dict[str, Any] | None = None, error: str | None = None) -> bool:
+        """Record the end of `worker`'s run; False (nothing written) if the job is no longer its own."""
+        with self._session.begin() as s:
+            job = s.get(JobRow, job_id, with_for_update=True)
+            if job is None or job.status != "running" or job.worker != worker:
+                return False
+            job.status, job.error, job.lease_until = status, error, None
+            if metrics is not None:
+                job.metrics = metrics
+            if status == "failed":
+                self._fail_reservation(s, job.task, error or "training failed")
+            return True
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job (a running worker stops at its next lease renewal)."""
+        with self._session.begin() as s:
+            job = s.get(JobRow, job_id, with_for_update=True)
+            if job is None:
+                raise NotFound(f"job {job_id!r} does not exist")
+            if job.status not in ("queued", "running"):
+                raise Conflict(f"job {job_id} already {job.status}")
+            job.status, job.lease_until = "cancelled", None
+            task = s.get(TaskRow, job.task)
+            if task is not None and task.current_version is None:
+                s.delete(task)  # the name is free again
+            return _as_dict(job)
+
+    @staticmethod
+    def _fail_reservation(s, name: str, error: str) -> None:
+        task = s.get(TaskRow, name)
+        if task is not None and task.current_version is None:
+            task.status, task.error = "failed", error
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -20,12 +20,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help="smollm2 (default), a local HF folder or a hub id [TASKSERVE_BACKBONE]")
     parser.add_argument("--device", help="auto | cpu | cuda[:N] [TASKSERVE_DEVICE]")
     parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 [TASKSERVE_DTYPE]")
+    parser.add_argument("--store", help="adapter store folder [TASKSERVE_STORE]")
 
 
 def _settings(args: argparse.Namespace):
     from server.settings import Settings
 
-    overrides = {k: v for k in ("backbone", "device", "dtype") if (v := getattr(args, k, None))}
+    overrides = {k: v for k in ("backbone", "device", "dtype", "store") if (v := getattr(args, k, None))}
     return Settings(**overrides)
 
 
@@ -82,6 +83,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=30)
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from server.worker import main as worker_main
+
+    return worker_main(_settings(args))
 
 
 def _client(args: argparse.Namespace):
@@ -144,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP API on TASKSERVE_HOST:TASKSERVE_PORT over the store (TASKSERVE_STORE)")
     _common(serve)
     serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("worker", help="run queued training jobs from the store's registry until SIGTERM")
+    _common(worker)
+    worker.set_defaults(func=cmd_worker)
     tasks = sub.add_parser("tasks", help="list / show / delete tasks on a running server (TASKSERVE_URL)")
     tasks.add_argument("action", choices=("list", "show", "delete"))
     tasks.add_argument("name", nargs="?")

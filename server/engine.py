@@ -270,6 +270,8 @@ class Engine:
         targets = [self.backbone.encode_target(label) for label in task.spec.labels]
         if any(not t for t in targets):
             raise InvalidRequest(f"labels: a label of task {task.name!r} encodes to no tokens")
+        if task.spec.scoring == "first" and len({t[0] for t in targets}) < len(targets):
+            raise InvalidRequest(f"labels: labels of task {task.name!r} share their first token; use scoring 'sum' or 'mean'")
         return LoadedTask(device_task, static, targets)
 
     def _evict(self, keep: set[str]) -> None:
@@ -316,6 +318,18 @@ class Engine:
     def execute(self, plan: Plan) -> Output:
         enc, ctx, _ = self._encode(plan, live=False)
         return self._read_out(plan, enc, ctx)
+
+    @torch.no_grad()
+    def features(self, requests: list[Request]) -> Tensor:
+        """Pooled feature-site states of the rows under their tasks' modulation: [b, d] (fp32).
+        PHA's retriever reads these (eq 10)."""
+        plan = self.schedule(requests)
+        _, _, groups = self._encode(plan, live=False, capture=True)
+        out = torch.zeros(len(requests), self.backbone.d_model, device=self.backbone.device)
+        for group in groups.values():
+            if group.features is not None:
+                out[group.rows] = group.features.float()
+        return out
 
     def complete(self, plan: Plan, out: Output) -> list[Result]:
         results = []

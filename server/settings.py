@@ -95,6 +95,24 @@ class Settings(BaseSettings):
     task_memory_mb: float = Field(default=2048.0, ge=0)
     """Device memory for per-task tensors; least recently used tasks are evicted and rebuilt on demand. 0 = no bound."""
 
+    max_examples: int = Field(default=1024, ge=2)
+    """Most examples a `POST /v1/tasks` training request may carry (422 past it)."""
+
+    max_train_steps: int = Field(default=2000, ge=1)
+    """Most training steps a `POST /v1/tasks` request may ask for (422 past it)."""
+
+    embedded_worker: bool = True
+    """`taskserve serve` also starts a training worker process (set false when workers run separately)."""
+
+    worker_lease_s: float = Field(default=60.0, gt=0)
+    """A running job's lease; a worker that stops renewing it (killed) loses the job to a retry."""
+
+    worker_max_attempts: int = Field(default=2, ge=1)
+    """Runs a job gets before it is failed (a run ends early when its worker dies)."""
+
+    worker_poll_s: float = Field(default=1.0, gt=0)
+    """How often an idle worker looks for queued jobs."""
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:

@@ -87,3 +87,14 @@ def error(resp: httpx.Response, status: int, kind: str) -> None:
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert body["error"]["type"] == kind and body["error"]["message"]
+
+
+def save_tiny_models(root) -> dict[str, str]:
+    """Tiny Llama + tiny form module saved as local HF folders; Settings kwargs that load them."""
+    from helpers import tiny_form, tiny_llama
+
+    backbone, form = tiny_llama(), tiny_form()
+    for model, tokenizer, folder in ((backbone.model, backbone.tokenizer, "model"), (form.model, form.tokenizer, "form")):
+        model.save_pretrained(root / folder)
+        tokenizer.save_pretrained(root / folder)
+    return {"backbone": str(root / "model"), "form_module": str(root / "form")}

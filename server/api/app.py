@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from adapters_store.store import Store
 from server.api.metrics import Metrics
+from server.api.supervisor import WorkerProcess
 from server.batcher import Batcher, BatcherConfig
 from server.engine import Engine, EngineConfig, Request as Row, Result
 from server.errors import Overloaded, TaskservError
@@ -38,7 +39,9 @@ class AppState:
     ready: bool = False
 
 
-def load_engine(settings: Settings) -> Engine:
+def load_engine(settings: Settings, task_memory: bool = True) -> Engine:
+    """The backbone (+ form module) the settings name; `task_memory=False` for a training worker,
+    whose trained tensors must stay resident."""
     from server import assets
     from server.backbone import load_backbone, load_form_module
 
@@ -47,7 +50,7 @@ def load_engine(settings: Settings) -> Engine:
     form = None
     if not backbone.is_encoder_decoder and settings.form_module != "none":
         form = load_form_module(assets.resolve_form_module(settings.form_module, settings.cache_dir), device=device)
-    memory = None if not settings.task_memory_mb else int(settings.task_memory_mb * 2**20)
+    memory = int(settings.task_memory_mb * 2**20) if settings.task_memory_mb and task_memory else None
     return Engine(backbone, form, config=EngineConfig(max_input_tokens=settings.max_input_tokens, task_memory_bytes=memory))
 
 
@@ -71,11 +74,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         metrics.tasks_loaded.set(len(eng.tasks))
         state.ready = True
         poller = asyncio.create_task(_poll(state))
+        worker = WorkerProcess(settings) if settings.embedded_worker else None
+        if worker is not None:
+            worker.start()
         try:
             yield
         finally:
             state.ready = False
             poller.cancel()
+            if worker is not None:
+                await worker.stop()
             await batcher.close()  # drain: queued and in-flight rows complete
             store.close()
 

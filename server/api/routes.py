@@ -13,7 +13,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.app import AppState
 from server.api.schemas import JobPublic, PredictRequest, PredictResult, PredictResults, TaskCreate, TaskCreated, TaskList, TaskPublic
-from server.data.spec import TaskSpec
 from server.engine import Request as Row, Result
 from server.task import Task
 from server.errors import Conflict, InvalidRequest, NotReady, TaskservError, Unauthorized
@@ -122,13 +121,19 @@ async def delete_task(name: str, state: State) -> Response:
 @router.post("/v1/tasks", status_code=201, response_model=TaskCreated, dependencies=[Admin])
 async def create_task(body: TaskCreate, state: State, response: Response) -> TaskCreated:
     engine, registry = state.engine, state.store.registry
-    spec = _spec(body, engine.backbone.is_encoder_decoder)
+    spec = body.spec(engine.backbone.is_encoder_decoder)
     method = engine.method(body.method)
     try:  # init is method-specific free-form JSON: malformed values are the caller's error, not a 500
         init = method.resolve_init(body.init, engine.tasks)
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(f"init: {exc}") from None
     if body.examples:
+        rows = body.training_rows(spec)
+        limit = state.settings.max_examples
+        if not 2 <= len(rows) <= limit:
+            raise InvalidRequest(f"examples: give between 2 and {limit} examples, got {len(rows)}")
+        if body.train.steps > state.settings.max_train_steps:
+            raise InvalidRequest(f"train.steps: at most {state.settings.max_train_steps}")
         await asyncio.to_thread(registry.reserve, body.name, body.method)
         job = await asyncio.to_thread(registry.create_job, body.name, body.model_dump(mode="json"))
         response.status_code = 202
@@ -150,15 +155,13 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
     return TaskCreated(task=_public(await asyncio.to_thread(registry.get_task, body.name), engine.tasks))
 
 
-def _spec(body: TaskCreate, seq2seq: bool) -> TaskSpec:
-    labels = tuple(body.labels or ())
-    template = body.template or ("{text}" if seq2seq else "Input: {text}\nAnswer:")
-    if labels and not seq2seq:
-        labels = tuple(label if label.startswith(" ") else f" {label}" for label in labels)
-    return TaskSpec(template=template, labels=labels, description=body.description, scoring=body.scoring)
-
-
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic)
 async def show_job(job_id: str, state: State) -> JobPublic:
     job = await asyncio.to_thread(state.store.registry.get_job, job_id)
+    return JobPublic(**{k: job[k] for k in JobPublic.model_fields})
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Admin])
+async def cancel_job(job_id: str, state: State) -> JobPublic:
+    job = await asyncio.to_thread(state.store.registry.cancel_job, job_id)
     return JobPublic(**{k: job[k] for k in JobPublic.model_fields})

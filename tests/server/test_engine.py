@@ -157,13 +157,20 @@ def test_isolation_adding_and_deleting_tasks_never_changes_others(method: str, k
 @pytest.mark.parametrize("scoring", ["first", "sum", "mean"])
 def test_scoring_rules_match_reference(kind: str, scoring: str) -> None:
     engine = make_engine(kind)
-    spec = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive", "neutral stance"), scoring=scoring)
+    spec = TaskSpec(template="Review: {text}\nSentiment:", labels=("bad", " positive", "neutral stance"), scoring=scoring)
     engine.add_task(engine.new_task("pt", "prompt_tuning", spec, init={"prompt": torch.zeros(0, engine.backbone.d_model)}))
     texts = ["so so", "a long and winding review of a film"]
     batch = engine.run([Request("pt", t) for t in texts])
     for text, got in zip(texts, batch):
         want = plain_scores(engine, spec, text)
         assert torch.allclose(torch.tensor([got.scores[label] for label in spec.labels]), want, atol=1e-5)
+
+
+def test_first_token_scoring_refuses_labels_it_cannot_tell_apart() -> None:
+    engine = make_engine("llama")
+    spec = TaskSpec(template="{text}", labels=(" negative", " positive"), scoring="first")  # byte tokens: both start with " "
+    with pytest.raises(InvalidRequest, match="first token"):
+        engine.add_task(engine.new_task("tie", "prompt_tuning", spec))
 
 
 def test_errors_are_typed() -> None:

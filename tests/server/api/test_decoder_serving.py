@@ -16,25 +16,23 @@ import pytest
 import torch
 
 from adapters_store.store import Store
-from helpers import METHODS, perturb, tiny_form, tiny_llama
+from helpers import METHODS, perturb
 from server.backbone import load_backbone, load_form_module
 from server.data.spec import TaskSpec
 from server.engine import Engine, Request
 from server.settings import Settings
-from serving import assert_concurrent_equals_solo, postgres_database, running_server
+from serving import assert_concurrent_equals_solo, postgres_database, running_server, save_tiny_models
 
-SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive"), description="Tell me the sentiment of the review:")
+SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive"), description="Tell me the sentiment of the review:", scoring="sum")
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> Iterator[tuple[str, Store, Engine]]:
     root = tmp_path_factory.mktemp("decoder")
-    backbone, form = tiny_llama(), tiny_form()
-    for model, tokenizer, folder in ((backbone.model, backbone.tokenizer, "model"), (form.model, form.tokenizer, "form")):
-        model.save_pretrained(root / folder)
-        tokenizer.save_pretrained(root / folder)
+    models = save_tiny_models(root)
     with postgres_database() as db_url:
-        settings = Settings(backbone=str(root / "model"), form_module=str(root / "form"), store=root / "store", db_url=db_url, device="cpu", dtype="float32", sync_interval_s=0.2)
+        # the embedded worker runs training jobs in its own process, on the same PostgreSQL registry
+        settings = Settings(**models, store=root / "store", db_url=db_url, device="cpu", dtype="float32", sync_interval_s=0.2, api_key="k", worker_poll_s=0.2)
         with running_server(settings) as url:
             # another process: trains shared modules (here: perturbs them) and publishes tasks
             other = Engine(load_backbone(str(root / "model")), load_form_module(str(root / "form")))
@@ -120,3 +118,21 @@ def test_version_swap_under_load_loses_no_request(deployment) -> None:
         text = json.loads(r.request.content)["text"]
         assert body["scores"]["positive"] == pytest.approx(expected[body["task_version"]][text], abs=1e-5)
 
+
+
+def test_few_shot_job_through_the_embedded_worker(deployment) -> None:
+    url, _, _ = deployment
+    examples = [{"text": f"{'aaaa' if i % 2 else 'zzzz'} film {i}", "label": "positive" if i % 2 else "negative"} for i in range(20)]
+    body = {"name": "learned", "method": "tpv", "labels": ["negative", "positive"], "scoring": "sum", "template": SPEC.template, "examples": examples, "train": {"steps": 20}}
+    created = httpx.post(f"{url}/v1/tasks", json=body, headers={"X-API-Key": "k"})
+    assert created.status_code == 202, created.text
+    job_url = f"{url}/v1/jobs/{created.json()['job']}"
+    deadline = time.monotonic() + 90
+    while (job := httpx.get(job_url).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["validation"]["n"] == 5 and job["progress"]["step"] == 20
+    wait_served(url, ["learned"])
+    got = httpx.post(f"{url}/v1/predict", json={"task": "learned", "text": "aaaa film"}).json()
+    assert got["task_version"] == 1 and got["label"] in ("negative", "positive")

@@ -29,7 +29,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path, Engine]]:
     backbone = tiny_t5()
     backbone.model.save_pretrained(root / "model")
     backbone.tokenizer.save_pretrained(root / "model")
-    settings = Settings(backbone=str(root / "model"), store=root / "store", device="cpu", dtype="float32", api_key="s3cret", sync_interval_s=0.2, max_input_tokens=300)
+    settings = Settings(backbone=str(root / "model"), store=root / "store", device="cpu", dtype="float32", api_key="s3cret", sync_interval_s=0.2, max_input_tokens=300, embedded_worker=False, max_examples=50)
     with running_server(settings) as url:
         # a second "process": its own engine over the same folder, publishing into the same store
         yield url, root / "store", Engine(load_backbone(str(root / "model")))
@@ -84,6 +84,15 @@ def test_training_request_is_queued_as_a_job(server) -> None:
     job = httpx.get(f"{url}/v1/jobs/{created.json()['job']}").json()
     assert job["status"] == "queued" and job["task"] == "pha-new"
     error(httpx.get(f"{url}/v1/jobs/nope"), 404, "not_found")
+    error(httpx.delete(f"{url}/v1/jobs/{job['id']}"), 401, "unauthorized")
+    assert httpx.delete(f"{url}/v1/jobs/{job['id']}", headers=KEY).json()["status"] == "cancelled"
+    error(httpx.delete(f"{url}/v1/jobs/{job['id']}", headers=KEY), 409, "conflict")
+    error(httpx.get(f"{url}/v1/tasks/pha-new"), 404, "not_found")  # the reservation is released
+    bad_label = {**body, "examples": [{"text": "a", "label": "maybe"}, {"text": "b", "label": "no"}]}
+    assert "examples[0].label" in httpx.post(f"{url}/v1/tasks", json=bad_label, headers=KEY).json()["error"]["message"]
+    too_many = {**body, "examples": body["examples"] * 26}
+    error(httpx.post(f"{url}/v1/tasks", json=too_many, headers=KEY), 422, "invalid_request")
+    error(httpx.post(f"{url}/v1/tasks", json={**body, "train": {"steps": 10**6}}, headers=KEY), 422, "invalid_request")
     error(httpx.post(f"{url}/v1/tasks", json={"name": "pt", "method": "prompt_tuning", "labels": ["a"]}, headers=KEY), 422, "invalid_request")
 
 

@@ -1,0 +1,1 @@
+"""Training: one loop for every method (trainer), per-method recipes, evaluation."""

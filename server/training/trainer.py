@@ -1,0 +1,193 @@
+"""One training loop for every method: only the parameters handed in get gradients.
+
+The backbone is frozen; what trains is whatever the caller (a recipe) passes: per-task tensors
+(soft prompts, task vectors, PHA prototypes, per-task IP nets) and/or shared modules (IP nets,
+PHA's retriever + hypernetwork + shared adapters, ATTEMPT's attention module). The seeds' recipe:
+AdamW with linear warmup then linear decay, gradient clipping, lr 0.3 for soft prompts and 3e-4
+for networks, mini-batches that mix tasks (ATTEMPT §3.3), validation with best-checkpoint
+selection, bf16 autocast on CUDA. A periodic checkpoint (atomic) lets a restarted job resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from server.engine import Engine, Example
+from server.errors import InvalidRequest, TaskservError
+from server.task import Task
+from server.training.evaluate import evaluate
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 3e-4
+    """Networks (IP nets, PHA hypernetwork, ATTEMPT attention): seeds 000 and 003 use 3e-4."""
+    prompt_lr: float = 0.3
+    """Soft prompts and task vectors: 0.3 as in Lester et al., ATTEMPT and TPV."""
+    prototype_lr: float = 1e-2
+    """A new PHA task's prototype when it trains alone against the frozen hypernetwork (few-shot)."""
+    warmup_ratio: float = 0.06
+    weight_decay: float = 1e-5
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    eval_rows: int = 200
+    """Validation rows per task per evaluation (the first ones: the same rows every time)."""
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """A named parameter to train; `kind` picks its learning rate from the config."""
+
+    name: str
+    param: nn.Parameter
+    kind: Literal["prompt", "net", "prototype"] = "net"
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    loss: float
+    metrics: dict[str, float] | None = None  # validation average, when just evaluated
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_step: int
+    best_score: float | None
+    """Mean validation accuracy at the selected step (None without validation rows)."""
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Cancelled(TaskservError):
+    type, status = "cancelled", 409
+
+
+def train(
+    engine: Engine,
+    tasks: Sequence[Task],
+    train_rows: Mapping[str, Sequence[Example]],
+    validation_rows: Mapping[str, Sequence[Example]],
+    trainables: Sequence[Trainable],
+    config: TrainConfig = TrainConfig(),
+    on_progress: Callable[[Progress], None] | None = None,
+    checkpoint: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train `trainables` on the tasks' rows (the tasks must be in the engine). On return the
+    parameters hold the best validation step's values and the engine serves them."""
+    names = [t.name for t in tasks if train_rows.get(t.name)]
+    if not names:
+        raise InvalidRequest("examples: training needs at least one task with training rows")
+    for t in trainables:
+        t.param.requires_grad_(True)
+    lrs = {"prompt": config.prompt_lr, "net": config.lr, "prototype": config.prototype_lr}
+    groups = [{"params": [t.param for t in trainables if t.kind == kind], "lr": lr} for kind, lr in lrs.items()]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+    warmup = max(1, int(config.warmup_ratio * config.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, max(0.0, (config.steps - s) / max(1, config.steps - warmup))))
+    state = _State(best_score=None, best_step=0, best_values=None, history=[])
+    start = _resume(checkpoint, trainables, optimizer, schedule, state) if checkpoint else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.backbone.device.type == "cuda" else contextlib.nullcontext()
+    loss_value = math.nan
+    for step in range(start, config.steps):
+        if should_stop is not None and should_stop():
+            raise Cancelled("training was cancelled")
+        batch = _mixed_batch(train_rows, names, config.batch_size, random.Random(config.seed * 1_000_003 + step))
+        with autocast:
+            loss = engine.loss(batch)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([t.param for t in trainables], config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        loss_value = float(loss.detach())
+        done = step + 1
+        metrics = None
+        if validation_rows and (done % config.eval_every == 0 or done == config.steps):
+            _refresh(engine, tasks)
+            per_task = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
+            score = sum(m["accuracy"] for m in per_task.values()) / max(1, len(per_task))
+            metrics = {"val_accuracy": score}
+            state.history.append({"step": done, "loss": loss_value, "val_accuracy": score})
+            if state.best_score is None or score > state.best_score:
+                state.best_score, state.best_step = score, done
+                state.best_values = [t.param.detach().clone() for t in trainables]
+        if on_progress is not None:
+            on_progress(Progress(done, config.steps, loss_value, metrics))
+        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
+            _save(checkpoint, done, trainables, optimizer, schedule, state)
+    if state.best_values is not None:
+        with torch.no_grad():
+            for t, value in zip(trainables, state.best_values):
+                t.param.copy_(value)
+    for t in trainables:
+        t.param.requires_grad_(False)
+    _refresh(engine, tasks)
+    validation = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
+    return TrainResult(config.steps, state.best_step or config.steps, state.best_score, validation, state.history)
+
+
+@dataclass
+class _State:
+    best_score: float | None
+    best_step: int
+    best_values: list[torch.Tensor] | None
+    history: list[dict[str, Any]]
+
+
+def _mixed_batch(rows: Mapping[str, Sequence[Example]], names: list[str], size: int, rng: random.Random) -> list[Example]:
+    """Tasks drawn uniformly per row, then a row of that task: small tasks are not drowned out."""
+    return [rng.choice(rows[rng.choice(names)]) for _ in range(size)]
+
+
+def _refresh(engine: Engine, tasks: Sequence[Task]) -> None:
+    """Re-add the tasks so the engine's cached per-task tensors reflect the trained values."""
+    for task in tasks:
+        engine.add_task(task)
+
+
+def _save(path: Path, step: int, trainables: Sequence[Trainable], optimizer, schedule, state: _State) -> None:
+    payload = {
+        "step": step,
+        "values": {t.name: t.param.detach().cpu() for t in trainables},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "state": {**asdict(state), "best_values": [v.cpu() for v in state.best_values] if state.best_values else None},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint
+
+
+def _resume(path: Path, trainables: Sequence[Trainable], optimizer, schedule, state: _State) -> int:
+    if not path.exists():
+        return 0
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        for t in trainables:
+            t.param.copy_(payload["values"][t.name].to(t.param.device))
+    optimizer.load_state_dict(payload["optimizer"])
+    schedule.load_state_dict(payload["schedule"])
+    saved = payload["state"]
+    state.best_score, state.best_step, state.history = saved["best_score"], saved["best_step"], saved["history"]
+    if saved["best_values"]:
+        state.best_values = [v.to(t.param.device) for v, t in zip(saved["best_values"], trainables)]
+    return int(payload["step"])

@@ -1,0 +1,162 @@
+"""`taskserve worker`: runs the training jobs that `POST /v1/tasks` queues.
+
+A worker claims the oldest queued job with a lease, trains the new task with its method's few-shot
+recipe on its own engine (the server's engine never trains), publishes the task into the store —
+from where every server hot-loads it — and records the job's end. While training it renews the
+lease with its progress; a cancelled job stops at the next renewal. A worker that dies stops
+renewing: once the lease expires the job is re-queued (resuming from its last checkpoint) or,
+after `worker_max_attempts`, failed. Nothing is visible to clients until the atomic publish, so a
+killed worker leaves no half-made task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from adapters_store.store import Store
+from server.api.schemas import TaskCreate
+from server.data.readers import LabeledText
+from server.data.splits import carve_validation
+from server.engine import Engine, Example
+from server.errors import TaskservError
+from server.settings import Settings
+from server.training.recipes import few_shot
+from server.training.trainer import Cancelled, Progress, TrainConfig
+
+log = logging.getLogger("taskserve.worker")
+
+
+class Worker:
+    def __init__(self, settings: Settings, engine: Engine, store: Store, name: str | None = None) -> None:
+        self.settings, self.engine, self.store = settings, engine, store
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Finish the current step's bookkeeping and exit the loop (SIGTERM)."""
+        self._stop.set()
+
+    def run_forever(self) -> None:
+        self.store.attach(self.engine)
+        log.info("worker %s polling %s", self.name, self.store.root)
+        while not self._stop.is_set():
+            if not self.run_once():
+                self._stop.wait(self.settings.worker_poll_s)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False if none was queued."""
+        job = self.store.registry.claim_job(self.name, self.settings.worker_lease_s, self.settings.worker_max_attempts)
+        if job is None:
+            return False
+        log.info("job %s (%s, attempt %d) started", job["id"], job["task"], job["attempts"])
+        try:
+            metrics = self._train_and_publish(job)
+        except Cancelled:
+            if self._stop.is_set():  # shutting down: the lease lapses and another run resumes from the checkpoint
+                log.warning("worker stopping; job %s will be retried after its lease expires", job["id"])
+            else:
+                log.info("job %s cancelled", job["id"])
+        except TaskservError as exc:
+            log.error("job %s failed: %s", job["id"], exc.message)
+            self.store.registry.finish_job(job["id"], self.name, "failed", error=exc.message)
+        except Exception as exc:  # noqa: BLE001 - a job's bug must not kill the worker; the job records it
+            log.exception("job %s failed", job["id"])
+            self.store.registry.finish_job(job["id"], self.name, "failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            self.store.registry.finish_job(job["id"], self.name, "succeeded", metrics=metrics)
+            shutil.rmtree(self._job_dir(job["id"]), ignore_errors=True)
+            log.info("job %s succeeded: %s", job["id"], metrics.get("validation"))
+        return True
+
+    def _train_and_publish(self, job: dict[str, Any]) -> dict[str, Any]:
+        engine, registry = self.engine, self.store.registry
+        self.store.attach(engine)  # current shared modules and peers (TPV's and PHA's inits use them)
+        body = TaskCreate.model_validate(job["request"])
+        spec = body.spec(engine.backbone.is_encoder_decoder)
+        method = engine.method(body.method)
+        init = method.resolve_init(body.init, engine.tasks)
+        rows = [LabeledText(text, target) for text, target in body.training_rows(spec)]
+        train_part, validation_part = carve_validation(rows, seed=body.train.seed)
+        train_rows = [Example(body.name, r.text, r.label) for r in train_part]
+        validation_rows = [Example(body.name, r.text, r.label) for r in validation_part]
+        defaults = TrainConfig()
+        config = TrainConfig(
+            steps=body.train.steps,
+            batch_size=body.train.batch_size,
+            lr=body.train.lr or defaults.lr,
+            prompt_lr=body.train.prompt_lr or defaults.prompt_lr,
+            eval_every=max(10, body.train.steps // 4),
+            checkpoint_every=max(10, body.train.steps // 10),
+            seed=body.train.seed,
+        )
+        started = time.monotonic()
+        lease = _Lease(self, job["id"])
+        task, result, notes = few_shot(
+            engine, body.name, body.method, spec, train_rows, validation_rows, init, config,
+            on_progress=lease.progress, checkpoint=self._job_dir(job["id"]) / "checkpoint.pt", should_stop=lease.cancelled,
+        )
+        if lease.cancelled():
+            raise Cancelled("training was cancelled")
+        task.version = registry.next_version(body.name)
+        metrics = {
+            "train_examples": len(train_rows),
+            "validation_examples": len(validation_rows),
+            "validation": result.validation.get(body.name),
+            "best_step": result.best_step,
+            "steps": result.steps,
+            "seconds": round(time.monotonic() - started, 1),
+            **({"notes": notes} if notes else {}),
+        }
+        self.store.publish(task, engine.backbone.fingerprint, metrics)
+        return metrics
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.store.root / "jobs" / job_id
+
+
+class _Lease:
+    """Renews the job's lease with progress, at most every couple of seconds; remembers a cancel."""
+
+    def __init__(self, worker: Worker, job_id: str) -> None:
+        self.worker, self.job_id = worker, job_id
+        self._last, self._status = 0.0, "running"
+        self._interval = min(2.0, worker.settings.worker_lease_s / 4)
+
+    def progress(self, p: Progress) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval and p.step != p.total and p.metrics is None:
+            return
+        self._last = now
+        payload = {"step": p.step, "total": p.total, "loss": round(p.loss, 5), **(p.metrics or {})}
+        self._status = self.worker.store.registry.renew_job(self.job_id, self.worker.name, self.worker.settings.worker_lease_s, payload)
+
+    def cancelled(self) -> bool:
+        if self.worker._stop.is_set():
+            return True
+        return self._status in ("cancelled", "lost")
+
+
+def main(settings: Settings | None = None) -> int:
+    """Run a worker until SIGTERM / SIGINT."""
+    from server.api.app import load_engine
+
+    settings = settings or Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = load_engine(settings, task_memory=False)
+    store = Store(settings.store, settings.db_url)
+    worker = Worker(settings, engine, store)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    try:
+        worker.run_forever()
+    finally:
+        store.close()
+    return 0
