@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
-# taskserve image. CPU by default; for CUDA pick the PyTorch wheel index that matches the host driver:
+# taskserve image: the HTTP API (`taskserve serve`, the default command) or a training worker
+# (`taskserve worker`) over an adapter store on /data/store. CPU by default; for CUDA pick the PyTorch
+# wheel index that matches the host driver:
 #   docker build -t taskserve .                                                        # CPU
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t taskserve:cuda .
-# See deploy/README.md.
+# See deploy/README.md (what was verified without a Docker engine, and what was not).
 FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -13,6 +15,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Non-root runtime user. /data/store is created and chowned before VOLUME below, so a fresh named
+# volume starts out owned by taskserve (Docker copies the image folder's ownership into it).
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin taskserve \
  && mkdir -p /opt/taskserve/cache /data/store \
  && chown -R taskserve:taskserve /opt/taskserve /data
@@ -30,24 +34,37 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY adapters_store ./adapters_store
 COPY client ./client
-# torch is named again so pip keeps the build installed above (2.13.0+cpu satisfies ==2.13.0).
-RUN pip install . "torch==${TORCH_VERSION}"
+# Non-editable install (the `taskserve` console script). torch is named again so pip keeps the build
+# installed above (2.13.0+cpu satisfies ==2.13.0) instead of fetching PyPI's.
+RUN pip install . "torch==${TORCH_VERSION}" \
+ && rm -rf build *.egg-info
+
+# Shipped demo artifacts, imported into an empty store on first start (TASKSERVE_SEED_STORE), and the
+# healthcheck script (stdlib + SQLAlchemy: the slim base has no curl).
+COPY demo_store ./demo_store
+COPY deploy/healthcheck.py ./deploy/healthcheck.py
 
 ENV TASKSERVE_CACHE_DIR=/opt/taskserve/cache \
     TASKSERVE_STORE=/data/store \
+    TASKSERVE_SEED_STORE=/app/demo_store \
     TASKSERVE_HOST=0.0.0.0 \
     TASKSERVE_PORT=8000 \
     HF_HUB_OFFLINE=1
 
 USER taskserve
 
-# Convert the embedded SmolLM2 GGUF into safetensors now (~20 s), offline, so a container starts in
-# seconds and never needs the network.
+# Prepare the default backbone now: convert the embedded SmolLM2 GGUF into safetensors (~20 s) and
+# locate all-MiniLM-L6-v2, offline, so a container starts in seconds and never needs the network.
 RUN python -m server.assets
 
 VOLUME ["/data/store"]
 EXPOSE 8000
 
-# For now the image runs the demo. The serving issue switches this to ["taskserve", "serve"] and adds a
-# HEALTHCHECK against GET /healthz; there is none here because nothing serves HTTP yet.
-CMD ["taskserve", "demo"]
+# GET /readyz: 200 once the backbone is loaded and the store answers, 503 before. In a container whose
+# command is `taskserve worker` the same script checks the worker's registry instead (no HTTP there).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+    CMD ["python", "/app/deploy/healthcheck.py"]
+
+# `taskserve serve` also starts an embedded training worker unless TASKSERVE_EMBEDDED_WORKER=false
+# (docker-compose.yml runs the worker as its own service and sets it false).
+CMD ["taskserve", "serve"]

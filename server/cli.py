@@ -1,9 +1,9 @@
 """The `taskserve` command line.
 
-Subcommands today: `serve` (the HTTP API over the store), `demo` (what `make serve` runs until the
-serving issue is finished), `predict` (one row against a demo task), `prepare` (convert/locate the
-offline models), `bench` (bench/run.py). `worker`, `train`, `eval` and `tasks` arrive with the
-serving and learning issues.
+Subcommands: `serve` (the HTTP API over the store, with an embedded training worker), `worker`
+(training jobs), `train` / `eval` (multi-task training and evaluation on the real data), `data fetch`,
+`store export|import` (store seeds such as the demo store), `tasks` / `jobs` (a running server, over
+the client), `demo` / `predict` (in-process, no store), `prepare` (the offline models), `bench`.
 Common options: --backbone, --device, --dtype (or the TASKSERVE_* environment variables).
 """
 
@@ -91,6 +91,173 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return worker_main(_settings(args))
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from adapters_store.store import Store
+
+    settings = _settings(args)
+    store = Store(settings.store, settings.db_url)
+    try:
+        if args.action == "export":
+            done = store.export(Path(args.path), args.tasks.split(",") if args.tasks else None)
+        else:
+            done = store.import_from(Path(args.path))
+    finally:
+        store.close()
+    for item in done:
+        print(item)
+    print(f"{args.action}ed {len(done)} artifacts", file=sys.stderr)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from server.data.sources import main as fetch_main
+
+    data_dir = args.data_dir or str(_settings(args).cache_dir / "data")
+    return fetch_main(["--data-dir", data_dir, *(["--index-url", args.index_url] if args.index_url else [])])
+
+
+class _ProgressLine:
+    """One self-overwriting progress line on stderr (a bar without a dependency)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, stage: str, p) -> None:
+        width = 30
+        filled = int(width * p.step / max(1, p.total))
+        rate = (time.monotonic() - self.started) / max(1, p.step)
+        extra = f" val={p.metrics['val_accuracy']:.3f}" if p.metrics else ""
+        end = "\n" if p.step == p.total or p.metrics else ""
+        print(f"\r{stage:<10} [{'#' * filled}{'.' * (width - filled)}] {p.step}/{p.total} loss={p.loss:.4f}{extra} ({rate:.2f} s/step)", end=end, file=sys.stderr, flush=True)
+        if p.step == p.total:
+            self.started = time.monotonic()
+
+
+def _task_names(value: str | None, default) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()] if value else [t.name for t in default]
+
+
+def _write_json(path: str, payload) -> None:
+    import json
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _experiment_setup(args: argparse.Namespace, names: list[str]):
+    from adapters_store.store import Store
+    from server.api.app import load_engine
+    from server.training.experiments import load_task_data
+
+    settings = _settings(args)
+    torch_seed(args.seed)
+    engine = load_engine(settings, task_memory=False)
+    store = Store(settings.store, settings.db_url)
+    store.attach(engine)
+    data_dir = settings.cache_dir / "data"
+    data = {n: load_task_data(n, data_dir, engine.backbone.is_encoder_decoder, seed=args.seed, max_test=args.eval_rows) for n in names}
+    for d in data.values():
+        if args.max_train:
+            d.train = d.train[: args.max_train]
+    return settings, engine, store, data
+
+
+def torch_seed(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _train_config(args: argparse.Namespace):
+    from server.training.trainer import TrainConfig
+
+    defaults = TrainConfig()
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr or defaults.lr, prompt_lr=args.prompt_lr or defaults.prompt_lr,
+        eval_every=args.eval_every or max(10, args.steps // 5), eval_rows=args.val_rows, seed=args.seed,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from server.data import catalog
+    from server.training.experiments import multitask
+
+    names = _task_names(args.tasks, catalog.MIX)
+    _, engine, store, data = _experiment_setup(args, names)
+    if args.config:
+        _fresh_module(engine, args.method, args.config)
+    report = multitask(engine, store, args.method, names, data, _train_config(args), eval_rows=args.eval_rows, on_progress=_ProgressLine(), publish=not args.no_publish)
+    print(f"{'task':<18} {'test acc':>9} {'test F1':>8} {'n':>5}")
+    for name, metrics in report["tasks"].items():
+        test = metrics["test"]
+        print(f"{name:<18} {test['accuracy']:>9.3f} {test['f1_macro']:>8.3f} {test['n']:>5}")
+    mean = sum(m["test"]["accuracy"] for m in report["tasks"].values()) / len(report["tasks"])
+    print(f"{'average':<18} {mean:>9.3f}   ({args.method}, {report['train_seconds']} s, module v{report.get('module_version', '-')})")
+    if args.out:
+        _write_json(args.out, report)
+    store.close()
+    return 0
+
+
+def _fresh_module(engine, method: str, overrides: list[str]) -> None:
+    """Replace the method's current module by a freshly initialised one with config overrides
+    (KEY=VALUE; values parsed as JSON, else kept as strings); multi-task training then starts from it."""
+    import dataclasses
+    import json
+
+    current = engine.method(method)
+    changes = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            changes[key] = json.loads(value)
+        except ValueError:
+            changes[key] = value
+    config = dataclasses.replace(current.config, **changes)
+    engine.set_module(method, 0, type(current)(engine.dims, config=config, embedding=engine.backbone.embedding.weight))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from server.data import catalog
+    from server.training import experiments
+
+    default = catalog.HELD_OUT if args.few_shot else catalog.MIX
+    names = _task_names(args.tasks, default)
+    _, engine, store, data = _experiment_setup(args, names)
+    report: dict = {"tasks": names, "seed": args.seed}
+    if args.zero_shot:
+        report["zero_shot"] = experiments.zero_shot(engine, data, args.eval_rows)
+    report["served"] = experiments.evaluate_served(engine, data, args.eval_rows)
+    if args.few_shot:
+        ks = [int(k) for k in args.few_shot.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")]
+        methods = args.methods.split(",")
+        log = lambda r: print(f"  {r['task']:<16} {r['method']:<14} k={r['k']:<3} seed={r['seed']} acc={r['test']['accuracy']:.3f} ({r['seconds']} s)", file=sys.stderr, flush=True)  # noqa: E731
+        report["few_shot"] = experiments.few_shot_transfer(engine, methods, data, ks, seeds, _train_config(args), args.eval_rows, on_result=log)
+        report["few_shot_summary"] = experiments.summarize_few_shot(report["few_shot"])
+    print(f"{'task':<18} {'zero-shot':>10} {'served':>8}")
+    for name in names:
+        zs = report.get("zero_shot", {}).get(name, {}).get("accuracy")
+        served = report["served"].get(name, {}).get("accuracy")
+        print(f"{name:<18} {zs if zs is not None else float('nan'):>10.3f} {served if served is not None else float('nan'):>8.3f}")
+    for task, methods in report.get("few_shot_summary", {}).items():
+        for method, ks in methods.items():
+            cells = "  ".join(f"k={k}: {m:.3f}±{s:.3f}" for k, (m, s) in sorted(ks.items()))
+            print(f"{task:<18} {method:<14} {cells}")
+    if args.out:
+        _write_json(args.out, report)
+    store.close()
+    return 0
+
+
 def _client(args: argparse.Namespace):
     import os
 
@@ -154,6 +321,42 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run queued training jobs from the store's registry until SIGTERM")
     _common(worker)
     worker.set_defaults(func=cmd_worker)
+    store_cmd = sub.add_parser("store", help="export ready tasks (and the shared modules they use) as a store seed, or import one")
+    store_cmd.add_argument("action", choices=("export", "import"))
+    store_cmd.add_argument("path", help="the seed folder (export: created)")
+    store_cmd.add_argument("--store", help="adapter store folder [TASKSERVE_STORE]")
+    store_cmd.add_argument("--tasks", help="export only these comma-separated tasks")
+    store_cmd.set_defaults(func=cmd_store)
+    data = sub.add_parser("data", help="fetch the offline training data (BIG-bench, VADER) into the cache")
+    data.add_argument("action", choices=("fetch",))
+    data.add_argument("--data-dir", help="default: TASKSERVE_CACHE_DIR/data")
+    data.add_argument("--index-url", help="package index (default: PIP_INDEX_URL or PyPI)")
+    data.set_defaults(func=cmd_data)
+    for name, helptext in (("train", "multi-task training of a method's shared modules on catalog tasks; publishes them into the store"),
+                           ("eval", "per-task test metrics: zero-shot baseline, served tasks, few-shot transfer")):
+        cmd = sub.add_parser(name, help=helptext)
+        _common(cmd)
+        cmd.add_argument("--tasks", help="comma-separated catalog task names (train: the mix; eval --few-shot: the held-out tasks)")
+        cmd.add_argument("--steps", type=int, default=300)
+        cmd.add_argument("--batch-size", type=int, default=8)
+        cmd.add_argument("--lr", type=float)
+        cmd.add_argument("--prompt-lr", type=float)
+        cmd.add_argument("--eval-every", type=int)
+        cmd.add_argument("--val-rows", type=int, default=100, help="validation rows per task per evaluation")
+        cmd.add_argument("--eval-rows", type=int, default=300, help="test rows per task")
+        cmd.add_argument("--max-train", type=int, help="cap on training rows per task")
+        cmd.add_argument("--seed", type=int, default=0)
+        cmd.add_argument("--out", help="write the report as JSON here")
+    train_cmd, eval_cmd = sub.choices["train"], sub.choices["eval"]
+    train_cmd.add_argument("--method", required=True, choices=("prompt_tuning", "tpv", "attempt", "ip", "pha"))
+    train_cmd.add_argument("--no-publish", action="store_true", help="report only; publish nothing")
+    train_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="start from a fresh shared module with this config field changed (repeatable)")
+    train_cmd.set_defaults(func=cmd_train)
+    eval_cmd.add_argument("--zero-shot", action="store_true", help="also score the backbone alone with the description")
+    eval_cmd.add_argument("--few-shot", help="comma-separated k values: few-shot transfer runs on the tasks")
+    eval_cmd.add_argument("--seeds", default="0,1,2")
+    eval_cmd.add_argument("--methods", default="prompt_tuning,tpv,attempt,ip,pha")
+    eval_cmd.set_defaults(func=cmd_eval)
     tasks = sub.add_parser("tasks", help="list / show / delete tasks on a running server (TASKSERVE_URL)")
     tasks.add_argument("action", choices=("list", "show", "delete"))
     tasks.add_argument("name", nargs="?")

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port the HTTP server listens on (0 = any free port)."""
 
+    seed_store: Path | None = Path("demo_store")
+    """Artifacts imported into the store on first start (while it holds no task): the shipped demo tasks."""
+
     db_url: str | None = None
     """Registry database URL (SQLAlchemy), e.g. `postgresql+psycopg://user@host/db`; default: a
     SQLite file inside the store."""
@@ -112,6 +115,12 @@ class Settings(BaseSettings):
 
     worker_poll_s: float = Field(default=1.0, gt=0)
     """How often an idle worker looks for queued jobs."""
+
+    @field_validator("db_url", "api_key", "seed_store", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`TASKSERVE_DB_URL=` (e.g. from a compose default) means "not set", not an empty URL."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("device")
     @classmethod

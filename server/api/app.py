@@ -70,6 +70,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         batcher = Batcher(run_batch, BatcherConfig(settings.max_batch_rows, settings.max_batch_tokens, settings.max_wait_ms, settings.max_queue, settings.request_timeout_s))
         state = AppState(settings, eng, store, batcher, metrics)
         app.state.taskserve = state
+        seeded = await asyncio.to_thread(store.seed, settings.seed_store)
+        if seeded:
+            log.info("store seeded from %s: %s", settings.seed_store, ", ".join(seeded))
         await batcher.run_on_engine_thread(store.attach, eng)
         metrics.tasks_loaded.set(len(eng.tasks))
         state.ready = True

@@ -21,8 +21,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as the environment variables that reproduce them."""
     env = {}
     for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"TASKSERVE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"TASKSERVE_{name.upper()}"] = text  # "" reads back as unset
     return env
 
 

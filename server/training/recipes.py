@@ -55,6 +55,8 @@ class MultiTaskPlan:
     module: Method
     tasks: list[Task]
     stages: list[Stage] = field(default_factory=list)
+    trains_shared: bool = False
+    """True when the shared module trains (it is then published as a new version)."""
 
 
 class Recipe:
@@ -131,7 +133,7 @@ class AttemptRecipe(Recipe):
         return MultiTaskPlan(module, targets, [
             Stage("sources", sources, [t for task in sources for t in PromptTuningRecipe().per_task(engine, task)]),
             Stage("attention", targets, _shared(module, "attempt", skip=("sources",)) + [t for task in targets for t in self.per_task(engine, task)]),
-        ])
+        ], trains_shared=True)
 
     @staticmethod
     def install_sources(module: Method, sources: Sequence[Task]) -> None:
@@ -150,7 +152,7 @@ class IPRecipe(Recipe):
     def multitask(self, engine, specs, seed):
         module = engine.method("ip")
         tasks = [engine.new_task(n, "ip", s) for n, s in specs.items()]
-        return MultiTaskPlan(module, tasks, [Stage("nets", tasks, _shared(module, "ip"))])
+        return MultiTaskPlan(module, tasks, [Stage("nets", tasks, _shared(module, "ip"))], trains_shared=True)
 
 
 class PHARecipe(Recipe):
@@ -173,7 +175,7 @@ class PHARecipe(Recipe):
         module = engine.method("pha")
         tasks = [engine.new_task(n, "pha", s, seed=seed + i) for i, (n, s) in enumerate(specs.items())]
         trainables = _shared(module, "pha") + [dataclasses.replace(t, kind="net") for task in tasks for t in self.per_task(engine, task)]
-        return MultiTaskPlan(module, tasks, [Stage("joint", tasks, trainables)])
+        return MultiTaskPlan(module, tasks, [Stage("joint", tasks, trainables)], trains_shared=True)
 
 
 RECIPES: dict[str, Recipe] = {r.method_id: r for r in (PromptTuningRecipe(), TPVRecipe(), AttemptRecipe(), IPRecipe(), PHARecipe())}

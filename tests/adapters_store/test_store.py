@@ -105,3 +105,35 @@ def test_shared_module_for_another_backbone_is_refused(tmp_path: Path) -> None:
         codec.load_module(folder, llama.dims, llama.backbone.fingerprint, llama.form_fingerprint)
     module = codec.load_module(folder, t5.dims, t5.backbone.fingerprint, t5.form_fingerprint)
     assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), t5.methods["attempt"].state_dict().values()))
+
+
+def test_export_then_seed_a_fresh_store(tmp_path: Path) -> None:
+    trainer = make_engine("llama")
+    source = Store(tmp_path / "source")
+    source.attach(trainer)
+    retrained = copy.deepcopy(trainer.methods["pha"])
+    with torch.no_grad():
+        retrained.head_up.weight.normal_()
+    source.publish_module(trainer, "pha", retrained)
+    source.sync(trainer)
+    for name, method in (("demo-pha", "pha"), ("demo-pt", "prompt_tuning")):
+        task = trainer.new_task(name, method, CLASSIFY, seed=4)
+        source.publish(task, trainer.backbone.fingerprint, {"test": {"accuracy": 0.9}})
+        trainer.add_task(task)
+    copied = source.export(tmp_path / "seed")
+    assert len(copied) == 4  # two tasks, pha v2 and prompt_tuning v1 (unused module versions stay behind)
+    assert not (tmp_path / "seed" / "shared" / "pha" / "v1").exists()
+
+    fresh = Store(tmp_path / "fresh")
+    assert sorted(fresh.seed(tmp_path / "seed")) == ["demo-pha", "demo-pt", "pha@2", "prompt_tuning@1"]
+    assert fresh.seed(tmp_path / "seed") == []  # only into a store without tasks
+    server = make_engine("llama")
+    report = fresh.attach(server)
+    assert sorted(report.loaded) == ["demo-pha", "demo-pt"] and not report.failed
+    for name in ("demo-pha", "demo-pt"):
+        assert server.run([Request(name, "a fine film")])[0].scores == pytest.approx(trainer.run([Request(name, "a fine film")])[0].scores, abs=1e-6)
+
+    weights = tmp_path / "seed" / "tasks" / "demo-pt" / "v1" / artifacts.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(artifacts.CorruptArtifact):
+        Store(tmp_path / "other").import_from(tmp_path / "seed")

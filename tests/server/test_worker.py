@@ -63,7 +63,7 @@ def test_few_shot_recipe_lowers_the_loss_and_leaves_the_engine_as_it_was(method:
 
 @pytest.fixture()
 def deployment(tmp_path: Path) -> tuple[Settings, Store]:
-    settings = Settings(**save_tiny_models(tmp_path), store=tmp_path / "store", device="cpu", dtype="float32", worker_lease_s=3, worker_poll_s=0.2, embedded_worker=False)
+    settings = Settings(**save_tiny_models(tmp_path), store=tmp_path / "store", device="cpu", dtype="float32", seed_store=None, worker_lease_s=3, worker_poll_s=0.2, embedded_worker=False)
     return settings, Store(settings.store)
 
 

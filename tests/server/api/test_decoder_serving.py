@@ -32,7 +32,7 @@ def deployment(tmp_path_factory) -> Iterator[tuple[str, Store, Engine]]:
     models = save_tiny_models(root)
     with postgres_database() as db_url:
         # the embedded worker runs training jobs in its own process, on the same PostgreSQL registry
-        settings = Settings(**models, store=root / "store", db_url=db_url, device="cpu", dtype="float32", sync_interval_s=0.2, api_key="k", worker_poll_s=0.2)
+        settings = Settings(**models, store=root / "store", db_url=db_url, device="cpu", dtype="float32", seed_store=None, sync_interval_s=0.2, api_key="k", worker_poll_s=0.2)
         with running_server(settings) as url:
             # another process: trains shared modules (here: perturbs them) and publishes tasks
             other = Engine(load_backbone(str(root / "model")), load_form_module(str(root / "form")))

@@ -29,7 +29,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path, Engine]]:
     backbone = tiny_t5()
     backbone.model.save_pretrained(root / "model")
     backbone.tokenizer.save_pretrained(root / "model")
-    settings = Settings(backbone=str(root / "model"), store=root / "store", device="cpu", dtype="float32", api_key="s3cret", sync_interval_s=0.2, max_input_tokens=300, embedded_worker=False, max_examples=50)
+    settings = Settings(backbone=str(root / "model"), store=root / "store", device="cpu", dtype="float32", seed_store=None, api_key="s3cret", sync_interval_s=0.2, max_input_tokens=300, embedded_worker=False, max_examples=50)
     with running_server(settings) as url:
         # a second "process": its own engine over the same folder, publishing into the same store
         yield url, root / "store", Engine(load_backbone(str(root / "model")))

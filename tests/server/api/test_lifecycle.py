@@ -38,7 +38,7 @@ def model_and_store(tmp_path_factory) -> tuple[Path, Path]:
 
 def start(model: Path, store: Path, **env: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "TASKSERVE_BACKBONE": str(model), "TASKSERVE_STORE": str(store),
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "TASKSERVE_BACKBONE": str(model), "TASKSERVE_STORE": str(store), "TASKSERVE_SEED_STORE": "", "TASKSERVE_EMBEDDED_WORKER": "false",
                "TASKSERVE_PORT": str(port), "TASKSERVE_DEVICE": "cpu", "TASKSERVE_DTYPE": "float32", **env}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=environ, cwd=Path(__file__).parents[3],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,0 +1,176 @@
+"""What `taskserve train` and `taskserve eval` run on the real data: multi-task training of a
+method's shared modules (published into the store with its tasks), the backbone's zero-shot
+baseline, evaluation of served tasks, and few-shot transfer to held-out tasks.
+
+Every task's rows come from the data catalog with one seeded split, so the zero-shot baseline,
+multi-task training and few-shot transfer are measured on the same test rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters_store.store import Store
+from server.data import catalog
+from server.data.spec import TaskSpec
+from server.data.splits import few_shot as sample_few_shot, split
+from server.engine import Engine, Example
+from server.training.evaluate import evaluate
+from server.training.recipes import AttemptRecipe, few_shot, recipe
+from server.training.trainer import Progress, TrainConfig, train
+
+ProgressFn = Callable[[str, Progress], None]
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+
+def load_task_data(name: str, data_dir: Path, seq2seq: bool, *, seed: int = 0, max_test: int = 300, as_name: str | None = None) -> TaskData:
+    """A catalog task's spec and its seeded train/validation/test rows (targets are verbalizers)."""
+    data = catalog.load(name, data_dir)
+    spec = catalog.spec(data.task, seq2seq)
+    parts = split(data.examples, seed=seed, max_test=max_test)
+    word_to_label = {label.strip(): label for label in spec.labels}
+
+    def rows(part) -> list[Example]:
+        return [Example(as_name or name, e.text, word_to_label[e.label]) for e in part]
+
+    return TaskData(spec, rows(parts.train), rows(parts.validation), rows(parts.test))
+
+
+def multitask(
+    engine: Engine,
+    store: Store,
+    method: str,
+    names: Sequence[str],
+    data: dict[str, TaskData],
+    config: TrainConfig,
+    *,
+    eval_rows: int = 300,
+    on_progress: ProgressFn | None = None,
+    publish: bool = True,
+) -> dict[str, Any]:
+    """Train `method` on the tasks jointly; publish the shared module (a new version, when it
+    trained) and the tasks with their test metrics. Returns the per-task report."""
+    plan = recipe(method).multitask(engine, {n: data[n].spec for n in names}, config.seed)
+    version = engine.module_versions[method]
+    if plan.trains_shared:  # tasks are served with the version about to be published
+        version = store.registry.current_modules().get(method, 0) + 1
+        engine.set_module(method, version, plan.module)
+        for task in plan.tasks:
+            task.module_version = version
+    started = time.monotonic()
+    history: dict[str, Any] = {}
+    for stage in plan.stages:
+        for task in stage.tasks:
+            engine.add_task(task)
+        stage_names = [t.name for t in stage.tasks]
+        rows = {t.name: [dataclasses.replace(e, task=t.name) for e in data[_base(t.name)].train] for t in stage.tasks}
+        validation = {t.name: [dataclasses.replace(e, task=t.name) for e in data[_base(t.name)].validation] for t in stage.tasks}
+        progress = (lambda p, s=stage.name: on_progress(s, p)) if on_progress else None
+        result = train(engine, stage.tasks, rows, validation, stage.trainables, config, progress)
+        history[stage.name] = {"best_step": result.best_step, "best_val_accuracy": result.best_score, "history": result.history}
+        if stage.name == "sources":  # ATTEMPT: the trained prompts become the frozen source prompts
+            AttemptRecipe.install_sources(plan.module, stage.tasks)
+            for name in stage_names:
+                engine.remove_task(name)
+    seconds = time.monotonic() - started
+    report: dict[str, Any] = {"method": method, "tasks": {}, "train_seconds": round(seconds, 1), "stages": history, "config": dataclasses.asdict(config)}
+    for task in plan.tasks:
+        test = evaluate(engine, data[task.name].test[:eval_rows])
+        report["tasks"][task.name] = {"test": test, "validation": evaluate(engine, data[task.name].validation[:eval_rows])}
+    if publish:
+        if plan.trains_shared:
+            published = store.publish_module(engine, method, plan.module, {"tasks": list(names), "train_seconds": round(seconds, 1)})
+            assert published == version, "another process published this method's module meanwhile"
+        for task in plan.tasks:
+            frozen = dataclasses.replace(task, params=torch.nn.ParameterDict({k: torch.nn.Parameter(p.detach().cpu().clone(), requires_grad=False) for k, p in task.params.items()}))
+            frozen.version = store.registry.next_version(task.name)
+            store.publish(frozen, engine.backbone.fingerprint, {"trained_with": method, **report["tasks"][task.name]})
+        report["module_version"] = version
+    return report
+
+
+def _base(name: str) -> str:
+    return name.removesuffix(".source")
+
+
+def zero_shot(engine: Engine, data: dict[str, TaskData], eval_rows: int = 300) -> dict[str, dict[str, float]]:
+    """The frozen backbone alone: rank classification with the task's description before its
+    template (the seeds' zero-shot baseline), through the engine (an empty soft prompt)."""
+    out = {}
+    for name, task_data in data.items():
+        spec = dataclasses.replace(task_data.spec, template=f"{task_data.spec.description}\n{task_data.spec.template}")
+        probe = f"zero-shot.{name}"[:64]
+        engine.add_task(engine.new_task(probe, "prompt_tuning", spec, init={"prompt": torch.zeros(0, engine.backbone.d_model)}))
+        try:
+            out[name] = evaluate(engine, [dataclasses.replace(e, task=probe) for e in task_data.test[:eval_rows]])
+        finally:
+            engine.remove_task(probe)
+    return out
+
+
+def evaluate_served(engine: Engine, data: dict[str, TaskData], eval_rows: int = 300) -> dict[str, dict[str, float]]:
+    """Test metrics of tasks the engine serves under the catalog names."""
+    return {name: evaluate(engine, d.test[:eval_rows]) for name, d in data.items() if name in engine.tasks}
+
+
+def few_shot_transfer(
+    engine: Engine,
+    methods: Sequence[str],
+    data: dict[str, TaskData],
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    config: TrainConfig,
+    eval_rows: int = 300,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """For each held-out task, method, k and seed: a new task from k label-balanced training rows
+    (validation carved from them, as a job would), trained with the method's few-shot recipe on
+    top of whatever shared modules and tasks the engine holds, then scored on the test rows."""
+    from server.data.readers import LabeledText
+    from server.data.splits import carve_validation
+
+    results = []
+    for name, task_data in data.items():
+        pool = [LabeledText(e.text, e.target) for e in task_data.train]
+        for method in methods:
+            for k in ks:
+                for seed in seeds:
+                    shots = sample_few_shot(pool, k, seed)
+                    train_part, validation_part = carve_validation(shots, seed)
+                    rows = [Example(name, e.text, e.label) for e in train_part]
+                    held = [Example(name, e.text, e.label) for e in validation_part]
+                    started = time.monotonic()
+                    task, result, notes = few_shot(engine, f"fs-{method}-{k}-{seed}-{name}"[:60], method, task_data.spec, rows, held, {}, dataclasses.replace(config, seed=seed))
+                    engine.add_task(task)
+                    try:
+                        test = evaluate(engine, [dataclasses.replace(e, task=task.name) for e in task_data.test[:eval_rows]])
+                    finally:
+                        engine.remove_task(task.name)
+                    record = {"task": name, "method": method, "k": k, "seed": seed, "test": test, "seconds": round(time.monotonic() - started, 1), "notes": notes}
+                    results.append(record)
+                    if on_result:
+                        on_result(record)
+    return results
+
+
+def summarize_few_shot(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
+    """task -> method -> k -> (mean, std) of test accuracy over seeds."""
+    table: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for r in results:
+        table.setdefault(r["task"], {}).setdefault(r["method"], {}).setdefault(r["k"], []).append(r["test"]["accuracy"])
+    return {t: {m: {k: (statistics.fmean(v), statistics.pstdev(v)) for k, v in ks.items()} for m, ks in ms.items()} for t, ms in table.items()}
