@@ -243,11 +243,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         log = lambda r: print(f"  {r['task']:<16} {r['method']:<14} k={r['k']:<3} seed={r['seed']} acc={r['test']['accuracy']:.3f} ({r['seconds']} s)", file=sys.stderr, flush=True)  # noqa: E731
         report["few_shot"] = experiments.few_shot_transfer(engine, methods, data, ks, seeds, _train_config(args), args.eval_rows, on_result=log)
         report["few_shot_summary"] = experiments.summarize_few_shot(report["few_shot"])
-    print(f"{'task':<18} {'zero-shot':>10} {'served':>8}")
+    methods_served = sorted({m for per in report["served"].values() for m in per})
+    print(f"{'task':<18} {'zero-shot':>10} " + " ".join(f"{m:>13}" for m in methods_served))
     for name in names:
-        zs = report.get("zero_shot", {}).get(name, {}).get("accuracy")
-        served = report["served"].get(name, {}).get("accuracy")
-        print(f"{name:<18} {zs if zs is not None else float('nan'):>10.3f} {served if served is not None else float('nan'):>8.3f}")
+        zs = report.get("zero_shot", {}).get(name, {}).get("accuracy", float("nan"))
+        cells = " ".join(f"{report['served'].get(name, {}).get(m, {}).get('accuracy', float('nan')):>13.3f}" for m in methods_served)
+        print(f"{name:<18} {zs:>10.3f} {cells}")
     for task, methods in report.get("few_shot_summary", {}).items():
         for method, ks in methods.items():
             cells = "  ".join(f"k={k}: {m:.3f}±{s:.3f}" for k, (m, s) in sorted(ks.items()))

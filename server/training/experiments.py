@@ -97,11 +97,16 @@ def multitask(
             published = store.publish_module(engine, method, plan.module, {"tasks": list(names), "train_seconds": round(seconds, 1)})
             assert published == version, "another process published this method's module meanwhile"
         for task in plan.tasks:
-            frozen = dataclasses.replace(task, params=torch.nn.ParameterDict({k: torch.nn.Parameter(p.detach().cpu().clone(), requires_grad=False) for k, p in task.params.items()}))
-            frozen.version = store.registry.next_version(task.name)
+            frozen = dataclasses.replace(task, name=served_name(task.name, method), params=torch.nn.ParameterDict({k: torch.nn.Parameter(p.detach().cpu().clone(), requires_grad=False) for k, p in task.params.items()}))
+            frozen.version = store.registry.next_version(frozen.name)
             store.publish(frozen, engine.backbone.fingerprint, {"trained_with": method, **report["tasks"][task.name]})
         report["module_version"] = version
     return report
+
+
+def served_name(task: str, method: str) -> str:
+    """Every method's multi-task run publishes its own copy of each catalog task: `<task>-<method>`."""
+    return f"{task}-{method}"
 
 
 def _base(name: str) -> str:
@@ -123,9 +128,15 @@ def zero_shot(engine: Engine, data: dict[str, TaskData], eval_rows: int = 300) -
     return out
 
 
-def evaluate_served(engine: Engine, data: dict[str, TaskData], eval_rows: int = 300) -> dict[str, dict[str, float]]:
-    """Test metrics of tasks the engine serves under the catalog names."""
-    return {name: evaluate(engine, d.test[:eval_rows]) for name, d in data.items() if name in engine.tasks}
+def evaluate_served(engine: Engine, data: dict[str, TaskData], eval_rows: int = 300) -> dict[str, dict[str, dict[str, float]]]:
+    """Test metrics of the served copies of the catalog tasks: task -> method -> metrics."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, d in data.items():
+        for method in engine.methods:
+            served = served_name(name, method)
+            if served in engine.tasks:
+                out.setdefault(name, {})[method] = evaluate(engine, [dataclasses.replace(e, task=served) for e in d.test[:eval_rows]])
+    return out
 
 
 def few_shot_transfer(

@@ -1,0 +1,81 @@
+"""The trainer and multi-task training on tiny models: checkpoints resume exactly, every method's
+multi-task run publishes what a fresh process then serves identically, and evaluation metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_store.store import Store
+from helpers import METHODS, make_engine
+from server.data.spec import TaskSpec
+from server.engine import Example, Request
+from server.training.evaluate import classification_metrics
+from server.training.experiments import TaskData, multitask, served_name
+from server.training.recipes import recipe
+from server.training.trainer import Cancelled, TrainConfig, train
+
+SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive"), description="Tell me the sentiment:", scoring="sum")
+
+
+def rows(task: str, n: int, flip: bool = False) -> list[Example]:
+    return [Example(task, f"{'aaaa' if i % 2 else 'zzzz'} {task} {i}", " positive" if (i % 2) != flip else " negative") for i in range(n)]
+
+
+def test_classification_metrics_by_hand() -> None:
+    m = classification_metrics(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"])
+    assert m["accuracy"] == 0.75 and m["n"] == 4
+    assert m["f1_macro"] == pytest.approx((2 / 3 + 0.8) / 2)  # F1(a) = 2·1/(2+0+1), F1(b) = 2·2/(4+1+0)
+
+
+def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    def run(checkpoint: Path | None, stop_after: int | None = None) -> torch.Tensor:
+        engine = make_engine("llama")
+        task = engine.new_task("t", "prompt_tuning", SPEC, seed=1)
+        trainables = recipe("prompt_tuning").per_task(engine, task)
+        engine.add_task(task)
+        calls = {"n": 0}
+
+        def stop() -> bool:
+            calls["n"] += 1
+            return stop_after is not None and calls["n"] > stop_after
+
+        config = TrainConfig(steps=10, batch_size=4, checkpoint_every=5, eval_every=5, seed=3)
+        try:
+            train(engine, [task], {"t": rows("t", 12)}, {"t": rows("t", 4)}, trainables, config, checkpoint=checkpoint, should_stop=stop)
+        except Cancelled:
+            return None
+        return task.params["prompt"].detach().clone()
+
+    straight = run(None)
+    assert run(tmp_path / "ckpt.pt", stop_after=7) is None  # killed after step 7; the checkpoint holds step 5
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 5
+    resumed = run(tmp_path / "ckpt.pt")
+    assert torch.allclose(resumed, straight, atol=1e-6)
+    assert not torch.equal(straight, make_engine("llama").new_task("t", "prompt_tuning", SPEC, seed=1).params["prompt"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_multitask_publishes_modules_and_tasks_a_fresh_process_serves_identically(method: str, tmp_path: Path) -> None:
+    engine = make_engine("llama")
+    store = Store(tmp_path)
+    store.attach(engine)
+    before = {m: {k: v.clone() for k, v in engine.method(m).state_dict().items()} for m in METHODS}
+    data = {name: TaskData(SPEC, rows(name, 16, flip=(name == "b")), rows(name, 4, flip=(name == "b")), rows(name, 6, flip=(name == "b"))) for name in ("a", "b")}
+    report = multitask(engine, store, method, ["a", "b"], data, TrainConfig(steps=6, batch_size=4, eval_every=3))
+    assert set(report["tasks"]) == {"a", "b"} and report["tasks"]["a"]["test"]["n"] == 6
+    shared_trained = method in ("attempt", "ip", "pha")
+    assert store.registry.current_modules()[method] == (2 if shared_trained else 1)
+    after = engine.method(method).state_dict()
+    if shared_trained:
+        assert any(not torch.equal(before[method][k].cpu(), after[k].cpu()) for k in after if k in before[method] and before[method][k].shape == after[k].shape) or method == "attempt"
+    fresh = make_engine("llama")
+    assert not Store(tmp_path).attach(fresh).failed
+    for name in ("a", "b"):
+        served = served_name(name, method)
+        want = engine.run([Request(name, "aaaa film")])[0].scores
+        assert fresh.run([Request(served, "aaaa film")])[0].scores == pytest.approx(want, abs=1e-5)
+    if method == "attempt":  # the sources are the prompts trained in the first stage, one per task
+        assert fresh.method("attempt").sources.shape[0] == 2
