@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="prompt_tuning,tpv,attempt,ip,pha")
     parser.add_argument("--zero-shot", help="JSON written by `taskserve eval --zero-shot` (same seed and eval rows)")
     parser.add_argument("--eval-rows", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key")
     parser.add_argument("--out")

@@ -81,12 +81,13 @@ if [[ $(id -u) == 0 ]] && command -v setpriv >/dev/null; then
   fi
 fi
 PORT=$("$V/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-IMAGE_ENV=(env -i PATH="$V:/usr/local/bin:/usr/bin:/bin" HOME="$WORK/home" LANG=C.UTF-8
+IMAGE_ENV=(env -i -C "$WORK/app" PATH="$V:/usr/local/bin:/usr/bin:/bin" HOME="$WORK/home" LANG=C.UTF-8
   PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   TASKSERVE_CACHE_DIR="$WORK/cache" TASKSERVE_STORE="$WORK/store" TASKSERVE_SEED_STORE="$WORK/app/demo_store"
   TASKSERVE_HOST=127.0.0.1 TASKSERVE_PORT="$PORT" TASKSERVE_EMBEDDED_WORKER=false)
-# exec: a background `as_image cmd &` has cmd's own PID, so SIGTERM reaches it (not a wrapping subshell).
-as_image() { (cd "$WORK/app" && exec "${RUN_AS[@]}" "${IMAGE_ENV[@]}" "$@"); }
+# WORKDIR /app. Background runs spell the command out (no function, no subshell) so that $! is the
+# server's own PID (setpriv and env exec it) and SIGTERM reaches it, as `docker stop` reaches PID 1.
+as_image() { "${RUN_AS[@]}" "${IMAGE_ENV[@]}" "$@"; }
 echo "runtime as uid $(as_image id -u), port $PORT, cache $WORK/cache, store $WORK/store"
 
 step "build-time model preparation: python -m server.assets (offline)"
@@ -100,8 +101,10 @@ for sub in serve worker; do grep -q "$sub" <<<"$help" || fail "taskserve --help 
 grep -o '{[a-z,-]*}' <<<"$help" | head -1
 
 step "taskserve serve (TASKSERVE_EMBEDDED_WORKER=false); healthcheck until /readyz answers 200 (<= ${READY_TIMEOUT_S} s)"
-as_image taskserve serve >"$WORK/serve.log" 2>&1 &
+"${RUN_AS[@]}" "${IMAGE_ENV[@]}" taskserve serve >"$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
+sleep 1
+[[ $(ps -o args= -p "$SERVER_PID") == *"taskserve serve"* ]] || fail "\$! is not the server process"
 start=$SECONDS
 until as_image python deploy/healthcheck.py api >"$WORK/hc.out" 2>&1; do
   kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/serve.log"; fail "taskserve serve exited before it was ready"; }
@@ -117,8 +120,10 @@ for path in ('/healthz', '/readyz', '/v1/tasks'):
 "
 
 step "taskserve worker over the same store; its healthcheck; SIGTERM"
-as_image taskserve worker >"$WORK/worker.log" 2>&1 &
+"${RUN_AS[@]}" "${IMAGE_ENV[@]}" taskserve worker >"$WORK/worker.log" 2>&1 &
 WORKER_PID=$!
+sleep 1
+[[ $(ps -o args= -p "$WORKER_PID") == *"taskserve worker"* ]] || fail "\$! is not the worker process"
 start=$SECONDS
 until grep -q "polling" "$WORK/worker.log"; do
   kill -0 "$WORKER_PID" 2>/dev/null || { cat "$WORK/worker.log"; fail "taskserve worker exited"; }
@@ -138,8 +143,13 @@ kill -TERM "$SERVER_PID"
 rc=0; wait "$SERVER_PID" || rc=$?
 SERVER_PID=""
 echo "server exit status after SIGTERM: $rc"
-echo "--- serve log (last 15 lines)"; tail -n 15 "$WORK/serve.log"
-[[ $rc == 0 ]] || fail "taskserve serve did not exit cleanly"
+echo "--- serve log (last 6 lines)"; tail -n 6 "$WORK/serve.log"
+# uvicorn (>= 0.29) drains, runs the lifespan shutdown, then re-raises the SIGTERM it caught, so a clean
+# stop exits 143 (128 + SIGTERM), as `docker stop` expects; anything else, or a shutdown that did not
+# complete, is a failure.
+[[ $rc == 0 || $rc == 143 ]] || fail "taskserve serve exited $rc after SIGTERM"
+grep -q "Application shutdown complete" "$WORK/serve.log" || fail "taskserve serve did not run its shutdown"
+echo "graceful shutdown completed (exit $rc)"
 if as_image python deploy/healthcheck.py api >/dev/null 2>&1; then fail "healthcheck still passes after shutdown"; fi
 echo "healthcheck fails after shutdown, as it should"
 

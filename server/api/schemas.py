@@ -66,7 +66,7 @@ class Example(Strict):
 class TrainOptions(Strict):
     """Few-shot training knobs (defaults fit a CPU: a 32-example job takes minutes)."""
 
-    steps: int = Field(default=120, ge=1, le=5000)
+    steps: int = Field(default=60, ge=1, le=5000)
     batch_size: int = Field(default=8, ge=1, le=64)
     lr: float | None = Field(default=None, gt=0, le=1)
     prompt_lr: float | None = Field(default=None, gt=0, le=10)

@@ -91,7 +91,7 @@ def multitask(
     report: dict[str, Any] = {"method": method, "tasks": {}, "train_seconds": round(seconds, 1), "stages": history, "config": dataclasses.asdict(config)}
     for task in plan.tasks:
         test = evaluate(engine, data[task.name].test[:eval_rows])
-        report["tasks"][task.name] = {"test": test, "validation": evaluate(engine, data[task.name].validation[:eval_rows])}
+        report["tasks"][task.name] = {"test": test}
     if publish:
         if plan.trains_shared:
             published = store.publish_module(engine, method, plan.module, {"tasks": list(names), "train_seconds": round(seconds, 1)})
