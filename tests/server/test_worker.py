@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,10 +84,25 @@ def test_worker_runs_jobs_for_every_method_and_other_tasks_stay_bit_identical(de
     before = [r.scores for r in serving.run(probe)]
     worker = Worker(settings, load_engine(settings, task_memory=False), Store(settings.store), name="w1")
     jobs = {method: submit(store, body(f"new-{method}", method, steps=12)) for method in METHODS}
-    for _ in METHODS:
-        assert worker.run_once()
+    done = threading.Event()
+
+    def run_jobs() -> None:
+        try:
+            for _ in METHODS:
+                worker.run_once()
+        finally:
+            done.set()
+
+    trainer = threading.Thread(target=run_jobs)
+    trainer.start()
+    checks = 0
+    while not done.is_set() or checks == 0:  # while jobs train and publish, the served task never changes
         store.sync(serving)  # hot-load whatever was published meanwhile
         assert [r.scores for r in serving.run(probe)] == before
+        checks += 1
+    trainer.join()
+    store.sync(serving)
+    assert [r.scores for r in serving.run(probe)] == before and checks > 1
     assert not worker.run_once()  # the queue is empty
     for method, job_id in jobs.items():
         job = store.registry.get_job(job_id)

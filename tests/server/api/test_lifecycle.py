@@ -89,3 +89,34 @@ def test_sigterm_completes_in_flight_requests(model_and_store) -> None:
     # the log shows the lifespan (batcher drain, store close) finished first
     assert proc.wait(30) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in proc.stdout.read().decode()
+
+
+def test_rows_waiting_past_their_deadline_get_504(model_and_store) -> None:
+    # one row per batch, 50 ms between batches: rows behind the first few wait past a 20 ms deadline
+    proc, url = start(*model_and_store, TASKSERVE_REQUEST_TIMEOUT_S="0.02", TASKSERVE_MAX_BATCH_ROWS="1", TASKSERVE_MAX_WAIT_MS="50")
+    try:
+        responses = asyncio.run(fire(url, 20))
+        codes = [r.status_code for r in responses]
+        assert 504 in codes and set(codes) <= {200, 504}
+        late = next(r for r in responses if r.status_code == 504)
+        assert late.json()["error"]["type"] == "deadline_exceeded" and late.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_not_started_app_answers_503(tmp_path: Path) -> None:
+    """Before its lifespan has loaded the backbone and the store, the app refuses work with 503."""
+    from server.api import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(store=tmp_path / "store", seed_store=None, embedded_worker=False))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            return await client.get("/readyz"), await client.post("/v1/predict", json={"task": "a", "text": "b"}), await client.get("/healthz")
+
+    ready, predict, health = asyncio.run(main())
+    for response in (ready, predict):
+        assert response.status_code == 503 and response.json()["error"]["type"] == "not_ready"
+    assert health.status_code == 200  # alive, just not ready
