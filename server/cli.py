@@ -240,7 +240,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ks = [int(k) for k in args.few_shot.split(",")]
         seeds = [int(s) for s in args.seeds.split(",")]
         methods = args.methods.split(",")
-        log = lambda r: print(f"  {r['task']:<16} {r['method']:<14} k={r['k']:<3} seed={r['seed']} acc={r['test']['accuracy']:.3f} ({r['seconds']} s)", file=sys.stderr, flush=True)  # noqa: E731
+        partial = f"{args.out}.partial.jsonl" if args.out else None
+
+        def log(r: dict) -> None:  # one line per run, and a JSON line per run so a long sweep is never lost
+            print(f"  {r['task']:<16} {r['method']:<14} k={r['k']:<3} seed={r['seed']} acc={r['test']['accuracy']:.3f} ({r['seconds']} s)", file=sys.stderr, flush=True)
+            if partial:
+                import json
+
+                with open(partial, "a") as f:
+                    f.write(json.dumps(r, default=str) + "\n")
+
         report["few_shot"] = experiments.few_shot_transfer(engine, methods, data, ks, seeds, _train_config(args), args.eval_rows, on_result=log)
         report["few_shot_summary"] = experiments.summarize_few_shot(report["few_shot"])
     methods_served = sorted({m for per in report["served"].values() for m in per})

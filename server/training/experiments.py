@@ -24,7 +24,7 @@ from server.data.spec import TaskSpec
 from server.data.splits import few_shot as sample_few_shot, split
 from server.engine import Engine, Example
 from server.training.evaluate import evaluate
-from server.training.recipes import AttemptRecipe, few_shot, recipe
+from server.training.recipes import AttemptRecipe, few_shot, recipe, served_name
 from server.training.trainer import Progress, TrainConfig, train
 
 ProgressFn = Callable[[str, Progress], None]
@@ -102,11 +102,6 @@ def multitask(
             store.publish(frozen, engine.backbone.fingerprint, {"trained_with": method, **report["tasks"][task.name]})
         report["module_version"] = version
     return report
-
-
-def served_name(task: str, method: str) -> str:
-    """Every method's multi-task run publishes its own copy of each catalog task: `<task>-<method>`."""
-    return f"{task}-{method}"
 
 
 def _base(name: str) -> str:

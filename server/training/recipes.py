@@ -122,17 +122,24 @@ class AttemptRecipe(Recipe):
     method_id = "attempt"
 
     def multitask(self, engine, specs, seed):
-        """Sources: one prompt per mix task (prompt tuning); then attention + targets over them."""
+        """Sources: one prompt per mix task — the mix's prompt-tuned tasks when the engine serves
+        them (`<task>-prompt_tuning`, ATTEMPT's own recipe), else trained here by prompt tuning;
+        then the attention module and the targets over the frozen sources."""
         old = engine.method("attempt")
+        module = type(old)(old.dims, config=dataclasses.replace(old.config, n_sources=len(specs)), embedding=engine.backbone.embedding.weight)
+        module.to(engine.backbone.device)
+        targets = [engine.new_task(n, "attempt", s, seed=seed + 100 + i) for i, (n, s) in enumerate(specs.items())]
+        attention = Stage("attention", targets, _shared(module, "attempt", skip=("sources",)) + [t for task in targets for t in self.per_task(engine, task)])
+        tuned = [engine.tasks.get(served_name(n, "prompt_tuning")) for n in specs]
+        if all(t is not None and t.params["prompt"].shape[0] == old.config.n_virtual for t in tuned):
+            self.install_sources(module, tuned)
+            return MultiTaskPlan(module, targets, [attention], trains_shared=True)
         sources = [engine.new_task(f"{n}.source", "prompt_tuning", s, seed=seed + i) for i, (n, s) in enumerate(specs.items())]
         for task in sources:  # sources have the attempt prompt length
             task.params["prompt"] = nn.Parameter(task.params["prompt"][: old.config.n_virtual].clone())
-        module = type(old)(old.dims, config=dataclasses.replace(old.config, n_sources=len(sources)), embedding=engine.backbone.embedding.weight)
-        module.to(engine.backbone.device)
-        targets = [engine.new_task(n, "attempt", s, seed=seed + 100 + i) for i, (n, s) in enumerate(specs.items())]
         return MultiTaskPlan(module, targets, [
             Stage("sources", sources, [t for task in sources for t in PromptTuningRecipe().per_task(engine, task)]),
-            Stage("attention", targets, _shared(module, "attempt", skip=("sources",)) + [t for task in targets for t in self.per_task(engine, task)]),
+            attention,
         ], trains_shared=True)
 
     @staticmethod
@@ -176,6 +183,11 @@ class PHARecipe(Recipe):
         tasks = [engine.new_task(n, "pha", s, seed=seed + i) for i, (n, s) in enumerate(specs.items())]
         trainables = _shared(module, "pha") + [dataclasses.replace(t, kind="net") for task in tasks for t in self.per_task(engine, task)]
         return MultiTaskPlan(module, tasks, [Stage("joint", tasks, trainables)], trains_shared=True)
+
+
+def served_name(task: str, method: str) -> str:
+    """Every method's multi-task run publishes its own copy of each catalog task: `<task>-<method>`."""
+    return f"{task}-{method}"
 
 
 RECIPES: dict[str, Recipe] = {r.method_id: r for r in (PromptTuningRecipe(), TPVRecipe(), AttemptRecipe(), IPRecipe(), PHARecipe())}
