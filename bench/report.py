@@ -28,32 +28,49 @@ def multitask_table(folder: Path) -> str:
         zs = statistics.fmean(zero[t]["accuracy"] for t in tasks if t in zero) if zero else float("nan")
         avg = [f"**{statistics.fmean(runs[m]['tasks'][t]['test']['accuracy'] for t in tasks):.3f}**" for m in runs]
         lines.append(f"| **average** | **{zs:.3f}** | " + " | ".join(avg) + " |")
-        n = next(iter(runs.values()))["tasks"][tasks[0]]["test"]["n"]
+        sizes = ", ".join(f"{t} {next(iter(runs.values()))['tasks'][t]['test']['n']}" for t in tasks)
         lines.append("")
-        lines.append(f"Test rows per task: {n} (the first {n} of the seeded test split). Training: " + "; ".join(
+        lines.append(f"Test rows per task (the first ones of the seeded test split): {sizes}. Training: " + "; ".join(
             f"{m} {r['config']['steps']} steps × {r['config']['batch_size']} rows, {r['train_seconds']:.0f} s" for m, r in runs.items()) + ".")
     return head + "\n".join(lines) + "\n"
 
 
+def few_shot_runs(folder: Path) -> tuple[list[dict], dict]:
+    """Every few-shot run in `few-shot*.json` reports and their `.partial.jsonl` logs (a sweep cut
+    short still counts), one per (task, method, k, seed); plus the zero-shot accuracies they carry."""
+    runs: dict[tuple, dict] = {}
+    zero: dict = {}
+    for path in sorted(folder.glob("few-shot*.json")):
+        report = json.loads(path.read_text())
+        zero.update(report.get("zero_shot", {}))
+        for r in report.get("few_shot", []):
+            runs[(r["task"], r["method"], r["k"], r["seed"])] = r
+    for path in sorted(folder.glob("few-shot*.partial.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            runs.setdefault((r["task"], r["method"], r["k"], r["seed"]), r)
+    return list(runs.values()), zero
+
+
 def few_shot_table(folder: Path) -> str:
-    path = folder / "few-shot.json"
-    if not path.exists():
+    runs, zero = few_shot_runs(folder)
+    if not runs:
         return "(not run)\n"
-    report = json.loads(path.read_text())
-    summary = report["few_shot_summary"]
-    zero = report.get("zero_shot", {})
-    ks = sorted({int(k) for per_task in summary.values() for per_method in per_task.values() for k in per_method})
+    ks = sorted({r["k"] for r in runs})
     head = "| task | method | " + " | ".join(f"k={k}" for k in ks) + " |\n|---|---|" + "---:|" * len(ks) + "\n"
     lines = []
-    for task, per_method in summary.items():
+    for task in sorted({r["task"] for r in runs}):
         if task in zero:
             lines.append(f"| {task} | zero-shot | " + " | ".join(f"{zero[task]['accuracy']:.3f}" for _ in ks) + " |")
         for method in METHODS:
-            if method in per_method:
-                cells = [f"{m:.3f} ± {s:.3f}" if (v := per_method[method].get(str(k))) and (m := v[0]) is not None and (s := v[1]) is not None else "–" for k in ks]
+            cells = []
+            for k in ks:
+                accs = [r["test"]["accuracy"] for r in runs if (r["task"], r["method"], r["k"]) == (task, method, k)]
+                cells.append(f"{statistics.fmean(accs):.3f} ± {statistics.pstdev(accs):.3f} (n={len(accs)})" if accs else "–")
+            if any(c != "–" for c in cells):
                 lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
-    seeds = sorted({r["seed"] for r in report["few_shot"]})
-    return head + "\n".join(lines) + f"\n\nSeeds: {seeds}; mean ± population std of test accuracy.\n"
+    seeds = sorted({r["seed"] for r in runs})
+    return head + "\n".join(lines) + f"\n\nSeeds {seeds}; mean ± population std of test accuracy over the seeds that ran (n).\n"
 
 
 def jobs_table(folder: Path) -> str:

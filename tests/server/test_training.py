@@ -13,8 +13,8 @@ from helpers import METHODS, make_engine
 from server.data.spec import TaskSpec
 from server.engine import Example, Request
 from server.training.evaluate import classification_metrics
-from server.training.experiments import TaskData, multitask, served_name
-from server.training.recipes import recipe
+from server.training.experiments import TaskData, multitask
+from server.training.recipes import recipe, served_name
 from server.training.trainer import Cancelled, TrainConfig, train
 
 SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive"), description="Tell me the sentiment:", scoring="sum")
@@ -79,3 +79,14 @@ def test_multitask_publishes_modules_and_tasks_a_fresh_process_serves_identicall
         assert fresh.run([Request(served, "aaaa film")])[0].scores == pytest.approx(want, abs=1e-5)
     if method == "attempt":  # the sources are the prompts trained in the first stage, one per task
         assert fresh.method("attempt").sources.shape[0] == 2
+
+
+def test_attempt_takes_its_source_prompts_from_the_prompt_tuned_mix() -> None:
+    engine = make_engine("llama")
+    n_virtual = engine.method("attempt").config.n_virtual
+    prompts = {name: torch.randn(n_virtual, engine.backbone.d_model) for name in ("a", "b")}
+    for name, prompt in prompts.items():
+        engine.add_task(engine.new_task(served_name(name, "prompt_tuning"), "prompt_tuning", SPEC, init={"prompt": prompt}))
+    plan = recipe("attempt").multitask(engine, {"a": SPEC, "b": SPEC}, seed=0)
+    assert [stage.name for stage in plan.stages] == ["attention"]
+    assert torch.equal(plan.module.sources.cpu(), torch.stack([prompts["a"], prompts["b"]]))
