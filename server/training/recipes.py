@@ -6,7 +6,7 @@ shared is written — new shared state is always a new task's own copy):
 - `prompt_tuning`: a soft prompt from the default (vocabulary-sampled) initialisation.
 - `tpv`: τ initialised from a weighted sum of existing task vectors (seed 001 eq 7) — the ones in
   `init.vectors`, or the `top_k` existing tpv tasks whose prompts give the examples the lowest
-  loss, averaged — then prompt-tuned; the artifact stores τ = θ_tuned − θ_init.
+  loss, weighted by softmax(−loss) — then prompt-tuned; the artifact stores τ = θ_tuned − θ_init.
 - `attempt`: a new target prompt over the frozen source prompts and attention module (eq 4).
 - `ip`: a per-task copy of the IP nets initialised from the shared ones (`copy_nets`), fine-tuned.
 - `pha`: the prototype nearest to the examples (eq 10, mean cosine similarity of their retrieval
@@ -97,9 +97,11 @@ class TPVRecipe(Recipe):
             ranked = self._rank_by_loss(engine, spec, examples)
             if ranked:
                 chosen = ranked[: self.top_k]
+                # weights softmax(−loss): a source that fits the examples much worse barely contributes
+                weights = torch.softmax(-torch.tensor([loss for _, loss in chosen]), dim=0).tolist()
                 method = engine.method("tpv")
-                init = {**init, "vectors": [(method.vector(engine.tasks[n]), 1.0 / len(chosen)) for n, _ in chosen]}
-                notes["init_from"] = {n: round(loss, 4) for n, loss in chosen}
+                init = {**init, "vectors": [(method.vector(engine.tasks[n]), w) for (n, _), w in zip(chosen, weights)]}
+                notes["init_from"] = {n: {"loss": round(loss, 4), "weight": round(w, 4)} for (n, loss), w in zip(chosen, weights)}
         return engine.new_task(name, "tpv", spec, init=init, seed=seed), notes
 
     @torch.no_grad()
