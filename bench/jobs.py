@@ -30,7 +30,7 @@ from server.training.evaluate import classification_metrics
 from server.training.experiments import load_task_data
 
 
-def run(url: str, task: str, k: int, methods: list[str], zero_shot: float | None, eval_rows: int, steps: int, seed: int, api_key: str | None) -> dict:
+def run(url: str, task: str, k: int, methods: list[str], zero_shot: float | None, eval_rows: int, steps: int, seed: int, api_key: str | None, prompt_lr: float | None = None) -> dict:
     data = load_task_data(task, Settings().cache_dir / "data", seq2seq=False, seed=seed, max_test=eval_rows)
     shots = few_shot([LabeledText(e.text, e.target.strip()) for e in data.train], k, seed)
     spec = catalog.get(task)
@@ -43,7 +43,7 @@ def run(url: str, task: str, k: int, methods: list[str], zero_shot: float | None
             body = {
                 "name": name, "method": method, "description": spec.description, "template": spec.template,
                 "labels": list(spec.labels), "scoring": spec.scoring,
-                "examples": [{"text": e.text, "label": e.label} for e in shots], "train": {"steps": steps, "seed": seed},
+                "examples": [{"text": e.text, "label": e.label} for e in shots], "train": {"steps": steps, "seed": seed, **({"prompt_lr": prompt_lr} if prompt_lr else {})},
             }
             started = time.monotonic()
             created = client.post("/v1/tasks", json=body)
@@ -68,7 +68,7 @@ def run(url: str, task: str, k: int, methods: list[str], zero_shot: float | None
             acc = row.get("test", {}).get("accuracy")
             print(f"{method:<14} {row['status']:<10} {row['seconds']:>7.1f} s  test acc {acc if acc is not None else float('nan'):.3f}"
                   f"  (zero-shot {zero_shot if zero_shot is not None else float('nan'):.3f})", flush=True)
-    return {"task": task, "k": k, "seed": seed, "steps": steps, "eval_rows": eval_rows, "zero_shot_accuracy": zero_shot, "jobs": rows}
+    return {"task": task, "k": k, "seed": seed, "steps": steps, "prompt_lr": prompt_lr, "eval_rows": eval_rows, "zero_shot_accuracy": zero_shot, "jobs": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-lr", type=float, help="train.prompt_lr of the jobs (default: the server's)")
     parser.add_argument("--api-key")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     zero = None
     if args.zero_shot:
         zero = json.loads(Path(args.zero_shot).read_text())["zero_shot"].get(args.task, {}).get("accuracy")
-    report = run(args.url, args.task, args.k, args.methods.split(","), zero, args.eval_rows, args.steps, args.seed, args.api_key)
+    report = run(args.url, args.task, args.k, args.methods.split(","), zero, args.eval_rows, args.steps, args.seed, args.api_key, args.prompt_lr)
     out = Path(args.out or f"bench/results/jobs-{args.task}-k{args.k}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
