@@ -18,6 +18,7 @@ tasks in the forward: rows carry their task as an index and methods gather per r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -89,8 +90,8 @@ class LoadedTask:
     static: dict[str, Tensor]
     targets: list[list[int]]
 
-    @property
-    def nbytes(self) -> int:
+    @functools.cached_property
+    def nbytes(self) -> int:  # once per resident version: _evict sums it on every batch
         tensors = [*self.task.params.values(), *self.static.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 

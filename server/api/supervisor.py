@@ -32,8 +32,11 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
         self._watch: asyncio.Task | None = None
 
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=self.env)
+
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=self.env)
+        self.process = self._spawn()
         log.info("embedded worker started (pid %d)", self.process.pid)
         self._watch = asyncio.get_running_loop().create_task(self._supervise())
 
@@ -43,7 +46,7 @@ class WorkerProcess:
             if self.process is not None and self.process.poll() is not None:
                 log.error("embedded worker exited with %s; restarting in 5 s", self.process.returncode)
                 await asyncio.sleep(5.0)
-                self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=self.env)
+                self.process = self._spawn()
 
     async def stop(self, timeout: float = 15.0) -> None:
         if self._watch is not None:

@@ -21,10 +21,11 @@ import torch
 from adapters_store.store import Store
 from server.data import catalog
 from server.data.spec import TaskSpec
-from server.data.splits import few_shot as sample_few_shot, split
+from server.data.readers import LabeledText
+from server.data.splits import carve_validation, few_shot as sample_few_shot, split
 from server.engine import Engine, Example
 from server.training.evaluate import evaluate
-from server.training.recipes import AttemptRecipe, few_shot, recipe, served_name
+from server.training.recipes import AttemptRecipe, few_shot, frozen_copy, recipe, served_name
 from server.training.trainer import Progress, TrainConfig, train
 
 ProgressFn = Callable[[str, Progress], None]
@@ -97,7 +98,7 @@ def multitask(
             published = store.publish_module(engine, method, plan.module, {"tasks": list(names), "train_seconds": round(seconds, 1)})
             assert published == version, "another process published this method's module meanwhile"
         for task in plan.tasks:
-            frozen = dataclasses.replace(task, name=served_name(task.name, method), params=torch.nn.ParameterDict({k: torch.nn.Parameter(p.detach().cpu().clone(), requires_grad=False) for k, p in task.params.items()}))
+            frozen = frozen_copy(task, served_name(task.name, method))
             frozen.version = store.registry.next_version(frozen.name)
             store.publish(frozen, engine.backbone.fingerprint, {"trained_with": method, **report["tasks"][task.name]})
         report["module_version"] = version
@@ -147,9 +148,6 @@ def few_shot_transfer(
     """For each held-out task, method, k and seed: a new task from k label-balanced training rows
     (validation carved from them, as a job would), trained with the method's few-shot recipe on
     top of whatever shared modules and tasks the engine holds, then scored on the test rows."""
-    from server.data.readers import LabeledText
-    from server.data.splits import carve_validation
-
     results = []
     for name, task_data in data.items():
         pool = [LabeledText(e.text, e.target) for e in task_data.train]

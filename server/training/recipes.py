@@ -229,8 +229,13 @@ def few_shot(
     finally:
         engine.remove_task(scratch)
     result.validation = {name: metrics for metrics in result.validation.values()}
-    final = dataclasses.replace(task, name=name, params=nn.ParameterDict({k: nn.Parameter(p.detach().cpu().clone(), requires_grad=False) for k, p in task.params.items()}))
-    return final, result, notes
+    return frozen_copy(task, name), result, notes
+
+
+def frozen_copy(task: Task, name: str) -> Task:
+    """A trained task as it is published: host tensors, no gradients, under its public name."""
+    params = nn.ParameterDict({k: nn.Parameter(p.detach().cpu().clone(), requires_grad=False) for k, p in task.params.items()})
+    return dataclasses.replace(task, name=name, params=params)
 
 
 __all__ = ["Progress", "RECIPES", "Recipe", "Stage", "MultiTaskPlan", "few_shot", "recipe"]
