@@ -5,8 +5,9 @@ Few-shot (a new task from k examples; existing tasks' outputs never change, beca
 shared is written — new shared state is always a new task's own copy):
 - `prompt_tuning`: a soft prompt from the default (vocabulary-sampled) initialisation.
 - `tpv`: τ initialised from a weighted sum of existing task vectors (seed 001 eq 7) — the ones in
-  `init.vectors`, or the `top_k` existing tpv tasks whose prompts give the examples the lowest
-  loss, weighted by softmax(−loss) — then prompt-tuned; the artifact stores τ = θ_tuned − θ_init.
+  `init.vectors`, or the `top_k` existing tpv tasks whose prompts classify the examples better
+  than θ_init alone (label cross-entropy), weighted by softmax(−misfit); τ = 0 when none does —
+  then prompt-tuned; the artifact stores τ = θ_tuned − θ_init.
 - `attempt`: a new target prompt over the frozen source prompts and attention module (eq 4).
 - `ip`: a per-task copy of the IP nets initialised from the shared ones (`copy_nets`), fine-tuned.
 - `pha`: the prototype nearest to the examples (eq 10, mean cosine similarity of their retrieval
@@ -24,6 +25,7 @@ Multi-task (the seeds' first stage, on a mix of tasks):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -94,30 +96,42 @@ class TPVRecipe(Recipe):
     def few_shot(self, engine, name, spec, examples, init, seed):
         notes: dict[str, Any] = {}
         if not init.get("vectors"):
-            ranked = self._rank_by_loss(engine, spec, examples)
-            if ranked:
-                chosen = ranked[: self.top_k]
-                # weights softmax(−loss): a source that fits the examples much worse barely contributes
-                weights = torch.softmax(-torch.tensor([loss for _, loss in chosen]), dim=0).tolist()
+            fits, baseline = self._rank_by_fit(engine, spec, examples)
+            # only sources that fit the examples better than θ_init alone transfer anything
+            chosen = [(n, misfit) for n, misfit in fits if misfit < baseline][: self.top_k]
+            notes["init_from"] = {"theta_init": {"misfit": round(baseline, 4)}}
+            if chosen:
+                # weights softmax(−misfit): a source that fits the examples worse contributes less
+                weights = torch.softmax(-torch.tensor([misfit for _, misfit in chosen]), dim=0).tolist()
                 method = engine.method("tpv")
                 init = {**init, "vectors": [(method.vector(engine.tasks[n]), w) for (n, _), w in zip(chosen, weights)]}
-                notes["init_from"] = {n: {"loss": round(loss, 4), "weight": round(w, 4)} for (n, loss), w in zip(chosen, weights)}
+                notes["init_from"] = {n: {"misfit": round(m, 4), "weight": round(w, 4)} for (n, m), w in zip(chosen, weights)}
         return engine.new_task(name, "tpv", spec, init=init, seed=seed), notes
 
     @torch.no_grad()
-    def _rank_by_loss(self, engine: Engine, spec: TaskSpec, examples: Sequence[Example]) -> list[tuple[str, float]]:
-        """Existing tpv tasks (current origin) by the loss their prompt gives the new examples."""
+    def _rank_by_fit(self, engine: Engine, spec: TaskSpec, examples: Sequence[Example]) -> tuple[list[tuple[str, float]], float]:
+        """Existing tpv tasks (current origin), best first, by how badly their prompt fits the new
+        examples; plus the misfit of θ_init alone (τ = 0), the no-transfer start. Misfit is the
+        cross-entropy of the gold label among the task's labels for classification — what rank
+        classification decides by; a prompt that merely puts mass on the label words gets no
+        credit for it — and the targets' token loss for generative tasks."""
         candidates = [t for t in engine.tasks.values() if t.method == "tpv" and t.module_version == engine.module_versions["tpv"]]
-        scored = []
-        for task in candidates:
-            probe = dataclasses.replace(task, name="tpv-probe.tmp", spec=spec)
+        origin = engine.method("tpv").config.default_origin
+        null = engine.new_task("tpv-probe.tmp", "tpv", spec, init={"origin": candidates[0].meta["origin"] if candidates else origin})
+        rows = list(examples[:16])
+
+        def misfit(probe: Task) -> float:
             engine.add_task(probe)
             try:
-                rows = [Example(probe.name, e.text, e.target) for e in examples[:16]]
-                scored.append((task.name, float(engine.loss(rows)["lm"])))
+                if spec.is_classification:
+                    results = engine.run([Request(probe.name, e.text) for e in rows])
+                    return -sum(math.log(max(r.scores[e.target], 1e-12)) for r, e in zip(results, rows)) / len(rows)
+                return float(engine.loss([Example(probe.name, e.text, e.target) for e in rows])["lm"])
             finally:
                 engine.remove_task(probe.name)
-        return sorted(scored, key=lambda item: item[1])
+
+        scored = [(t.name, misfit(dataclasses.replace(t, name=null.name, spec=spec))) for t in candidates]
+        return sorted(scored, key=lambda item: item[1]), misfit(null)
 
 
 class AttemptRecipe(Recipe):

@@ -90,3 +90,39 @@ def test_attempt_takes_its_source_prompts_from_the_prompt_tuned_mix() -> None:
     plan = recipe("attempt").multitask(engine, {"a": SPEC, "b": SPEC}, seed=0)
     assert [stage.name for stage in plan.stages] == ["attention"]
     assert torch.equal(plan.module.sources.cpu(), torch.stack([prompts["a"], prompts["b"]]))
+
+
+def test_best_step_is_the_highest_validation_accuracy_then_the_lowest_validation_loss() -> None:
+    engine = make_engine("llama")
+    task = engine.new_task("t", "prompt_tuning", SPEC, seed=1)
+    trainables = recipe("prompt_tuning").per_task(engine, task)
+    engine.add_task(task)
+    result = train(engine, [task], {"t": rows("t", 12)}, {"t": rows("t", 4)}, trainables, TrainConfig(steps=12, batch_size=4, eval_every=2, seed=0))
+    history = result.history
+    assert len(history) == 6 and all("val_loss" in h for h in history)
+    best = max(history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+    assert result.best_step == best["step"]
+    assert result.validation["t"]["accuracy"] == best["val_accuracy"]  # the kept parameters are that step's
+
+
+def _trained_tpv(engine, name: str, label: str) -> None:
+    """A tpv source that learned to answer `label` (a tiny random model learns the label prior)."""
+    task = engine.new_task(name, "tpv", SPEC, seed=0)
+    trainables = recipe("tpv").per_task(engine, task)
+    engine.add_task(task)
+    train(engine, [task], {name: [Example(name, f"text {i}", label) for i in range(8)]}, {}, trainables, TrainConfig(steps=20, batch_size=8, prompt_lr=0.3))
+    engine.add_task(task)
+
+
+def test_tpv_few_shot_starts_from_the_sources_that_fit_the_examples_better_than_theta_init() -> None:
+    engine = make_engine("llama")
+    examples = [Example("new", f"new text {i}", " negative") for i in range(16)]
+    _trained_tpv(engine, "fits", " negative")
+    _trained_tpv(engine, "opposite", " positive")  # fits the examples worse than θ_init alone
+    _, notes = recipe("tpv").few_shot(engine, "new", SPEC, examples, {}, seed=0)
+    assert list(notes["init_from"]) == ["fits"] and notes["init_from"]["fits"]["weight"] == pytest.approx(1.0)
+
+    engine.remove_task("fits")
+    task, notes = recipe("tpv").few_shot(engine, "new", SPEC, examples, {}, seed=0)
+    assert list(notes["init_from"]) == ["theta_init"]
+    assert not task.params["tau"].any()  # no source fits: the prompt starts at θ_init (τ = 0)
