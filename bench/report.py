@@ -40,6 +40,8 @@ def few_shot_runs(folder: Path) -> tuple[list[dict], dict]:
     short still counts), one per (task, method, k, seed); plus the zero-shot accuracies they carry."""
     runs: dict[tuple, dict] = {}
     zero: dict = {}
+    if (baseline := folder / "zero-shot.json").exists():  # the same seeded test rows as the sweeps
+        zero.update(json.loads(baseline.read_text()).get("zero_shot", {}))
     for path in sorted(folder.glob("few-shot*.json")):
         report = json.loads(path.read_text())
         zero.update(report.get("zero_shot", {}))

@@ -5,7 +5,7 @@ The backbone is frozen; what trains is whatever the caller (a recipe) passes: pe
 PHA's retriever + hypernetwork + shared adapters, ATTEMPT's attention module). The seeds' recipe:
 AdamW with linear warmup then linear decay, gradient clipping, lr 0.3 for soft prompts and 3e-4
 for networks, mini-batches that mix tasks (ATTEMPT §3.3), validation with best-checkpoint
-selection, bf16 autocast on CUDA. A periodic checkpoint (atomic) lets a restarted job resume.
+selection (accuracy, ties to the lower validation loss), bf16 autocast on CUDA. A periodic checkpoint (atomic) lets a restarted job resume.
 """
 
 from __future__ import annotations
