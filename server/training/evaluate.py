@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+import torch
 
 from server.engine import Engine, Example, Request
 
@@ -23,12 +26,29 @@ def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels
 
 
 def evaluate(engine: Engine, examples: Sequence[Example], batch_size: int = 32) -> dict[str, float]:
-    """Rank-classification metrics of one task's examples (targets are its label verbalizers)."""
+    """Rank-classification metrics of one task's examples (targets are its label verbalizers);
+    for classification also `nll`, the gold label's mean cross-entropy among the labels."""
     if not examples:
         return {"accuracy": 0.0, "f1_macro": 0.0, "n": 0}
     task = engine.tasks[examples[0].task]
-    predicted: list[str] = []
+    results = []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        predicted += [r.label or r.output for r in engine.run([Request(e.task, e.text) for e in chunk])]
-    return classification_metrics([e.target for e in examples], predicted, task.spec.labels)
+        results += engine.run([Request(e.task, e.text) for e in examples[start : start + batch_size]])
+    metrics = classification_metrics([e.target for e in examples], [r.label or r.output for r in results], task.spec.labels)
+    if task.spec.is_classification:
+        metrics["nll"] = -sum(math.log(max(r.scores[e.target], 1e-12)) for r, e in zip(results, examples)) / len(examples)
+    return metrics
+
+
+@torch.no_grad()
+def misfit(engine: Engine, examples: Sequence[Example], metrics: dict[str, float] | None = None, batch_size: int = 32) -> float:
+    """How badly one task fits labelled rows (lower is better). Classification: `evaluate`'s `nll`
+    — what rank classification decides by; a prompt that merely puts mass on the label words gets
+    no credit for it — taken from `metrics` when evaluate already ran. Generative: the targets'
+    teacher-forced token loss, row-weighted over chunks of `batch_size` rows."""
+    if not examples:
+        return 0.0
+    if engine.tasks[examples[0].task].spec.is_classification:
+        return (metrics if metrics is not None else evaluate(engine, examples, batch_size))["nll"]
+    chunks = [list(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+    return sum(float(engine.loss(c)["lm"]) * len(c) for c in chunks) / len(examples)

@@ -25,7 +25,6 @@ Multi-task (the seeds' first stage, on a mix of tasks):
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -38,6 +37,7 @@ from server.engine import Engine, Example, Request
 from server.errors import InvalidRequest
 from server.methods import Method
 from server.task import Task
+from server.training.evaluate import misfit
 from server.training.trainer import Progress, TrainConfig, Trainable, TrainResult, train
 
 
@@ -96,42 +96,36 @@ class TPVRecipe(Recipe):
     def few_shot(self, engine, name, spec, examples, init, seed):
         notes: dict[str, Any] = {}
         if not init.get("vectors"):
-            fits, baseline = self._rank_by_fit(engine, spec, examples)
+            origin = init.get("origin", engine.method("tpv").config.default_origin)
+            fits, baseline = self._rank_by_fit(engine, spec, examples, origin)
             # only sources that fit the examples better than θ_init alone transfer anything
-            chosen = [(n, misfit) for n, misfit in fits if misfit < baseline][: self.top_k]
+            chosen = [(n, m) for n, m in fits if m < baseline][: self.top_k]
             notes["init_from"] = {"theta_init": {"misfit": round(baseline, 4)}}
             if chosen:
                 # weights softmax(−misfit): a source that fits the examples worse contributes less
-                weights = torch.softmax(-torch.tensor([misfit for _, misfit in chosen]), dim=0).tolist()
+                weights = torch.softmax(-torch.tensor([m for _, m in chosen]), dim=0).tolist()
                 method = engine.method("tpv")
                 init = {**init, "vectors": [(method.vector(engine.tasks[n]), w) for (n, _), w in zip(chosen, weights)]}
                 notes["init_from"] = {n: {"misfit": round(m, 4), "weight": round(w, 4)} for (n, m), w in zip(chosen, weights)}
         return engine.new_task(name, "tpv", spec, init=init, seed=seed), notes
 
     @torch.no_grad()
-    def _rank_by_fit(self, engine: Engine, spec: TaskSpec, examples: Sequence[Example]) -> tuple[list[tuple[str, float]], float]:
-        """Existing tpv tasks (current origin), best first, by how badly their prompt fits the new
-        examples; plus the misfit of θ_init alone (τ = 0), the no-transfer start. Misfit is the
-        cross-entropy of the gold label among the task's labels for classification — what rank
-        classification decides by; a prompt that merely puts mass on the label words gets no
-        credit for it — and the targets' token loss for generative tasks."""
-        candidates = [t for t in engine.tasks.values() if t.method == "tpv" and t.module_version == engine.module_versions["tpv"]]
-        origin = engine.method("tpv").config.default_origin
-        null = engine.new_task("tpv-probe.tmp", "tpv", spec, init={"origin": candidates[0].meta["origin"] if candidates else origin})
-        rows = list(examples[:16])
+    def _rank_by_fit(self, engine: Engine, spec: TaskSpec, examples: Sequence[Example], origin: str) -> tuple[list[tuple[str, float]], float]:
+        """Existing tpv tasks of `origin` (current module version), best first, by their prompt's
+        misfit on the new examples (`evaluate.misfit`); plus the misfit of θ_init alone (τ = 0),
+        the no-transfer start."""
+        candidates = [t for t in engine.tasks.values() if t.method == "tpv" and t.module_version == engine.module_versions["tpv"] and t.meta["origin"] == origin]
+        null = engine.new_task("tpv-probe.tmp", "tpv", spec, init={"origin": origin})
 
-        def misfit(probe: Task) -> float:
-            engine.add_task(probe)
+        def probe(task: Task) -> float:
+            engine.add_task(task)
             try:
-                if spec.is_classification:
-                    results = engine.run([Request(probe.name, e.text) for e in rows])
-                    return -sum(math.log(max(r.scores[e.target], 1e-12)) for r, e in zip(results, rows)) / len(rows)
-                return float(engine.loss([Example(probe.name, e.text, e.target) for e in rows])["lm"])
+                return misfit(engine, [Example(task.name, e.text, e.target) for e in examples[:16]])
             finally:
-                engine.remove_task(probe.name)
+                engine.remove_task(task.name)
 
-        scored = [(t.name, misfit(dataclasses.replace(t, name=null.name, spec=spec))) for t in candidates]
-        return sorted(scored, key=lambda item: item[1]), misfit(null)
+        scored = [(t.name, probe(dataclasses.replace(t, name=null.name, spec=spec))) for t in candidates]
+        return sorted(scored, key=lambda item: item[1]), probe(null)
 
 
 class AttemptRecipe(Recipe):

@@ -5,7 +5,8 @@ The backbone is frozen; what trains is whatever the caller (a recipe) passes: pe
 PHA's retriever + hypernetwork + shared adapters, ATTEMPT's attention module). The seeds' recipe:
 AdamW with linear warmup then linear decay, gradient clipping, lr 0.3 for soft prompts and 3e-4
 for networks, mini-batches that mix tasks (ATTEMPT §3.3), validation with best-checkpoint
-selection (accuracy, ties to the lower validation loss), bf16 autocast on CUDA. A periodic checkpoint (atomic) lets a restarted job resume.
+selection (accuracy; ties go to the lower validation misfit), bf16 autocast on CUDA. A periodic
+checkpoint (atomic) lets a restarted job resume.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from server.engine import Engine, Example
 from server.errors import InvalidRequest, TaskservError
 from server.task import Task
-from server.training.evaluate import evaluate
+from server.training.evaluate import evaluate, misfit
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,10 @@ def train(
             _refresh(engine, tasks)
             per_task = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
             score = sum(m["accuracy"] for m in per_task.values()) / max(1, len(per_task))
-            val_loss = _validation_loss(engine, validation_rows, names, config.eval_rows)
+            val_loss = sum(misfit(engine, list(validation_rows[n])[: config.eval_rows], m) for n, m in per_task.items()) / max(1, len(per_task))
             metrics = {"val_accuracy": score, "val_loss": val_loss}
             state.history.append({"step": done, "loss": loss_value, "val_accuracy": score, "val_loss": val_loss})
-            # accuracy on a few validation rows ties often: the lower validation loss breaks the tie
+            # accuracy on a few validation rows ties often: the lower misfit (evaluate.misfit) breaks the tie
             if state.best_score is None or (score, -val_loss) > (state.best_score, -state.best_loss):
                 state.best_score, state.best_loss, state.best_step = score, val_loss, done
                 state.best_values = [t.param.detach().clone() for t in trainables]
@@ -154,18 +155,6 @@ class _State:
     best_values: list[torch.Tensor] | None
     history: list[dict[str, Any]]
     best_loss: float = math.inf
-
-
-@torch.no_grad()
-def _validation_loss(engine: Engine, rows: Mapping[str, Sequence[Example]], names: list[str], limit: int) -> float:
-    """Mean over tasks of the teacher-forced label loss on the validation rows."""
-    losses = []
-    for name in names:
-        task_rows = list(rows.get(name, []))[:limit]
-        chunks = [task_rows[i : i + 32] for i in range(0, len(task_rows), 32)]
-        if chunks:  # row-weighted mean over chunks of at most 32 rows (bounded memory)
-            losses.append(sum(float(engine.loss(c)["lm"]) * len(c) for c in chunks) / len(task_rows))
-    return sum(losses) / max(1, len(losses))
 
 
 def _mixed_batch(rows: Mapping[str, Sequence[Example]], names: list[str], size: int, rng: random.Random) -> list[Example]:
