@@ -13,42 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from server.errors import Conflict, TaskservError
+from server import atomic
+from server.atomic import sha256_file
+from server.errors import Conflict, CorruptArtifact
 from server.task import check_task_name
 
 WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
-
-
-class CorruptArtifact(TaskservError):
-    """An artifact whose files are missing, unreadable or do not match their manifest."""
-
-    type, status = "corrupt_artifact", 500
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def task_dir(root: Path, name: str, version: int) -> Path:
@@ -64,31 +41,23 @@ def publish(target: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, 
     Idempotent: publishing the same weights to an existing version returns its manifest; other
     weights under an existing version are refused (versions are immutable)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        weights = tmp / WEIGHTS
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights))
-        digest = sha256_file(weights)
-        if target.exists():
-            existing = read_manifest(target)
-            if existing.get("sha256") == digest:
-                return existing
-            raise Conflict(f"{target.parent.name} v{target.name[1:]} already exists with other weights; publish a new version")
-        full = {
-            **manifest,
-            "sha256": digest,
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
-            "created_at": manifest.get("created_at") or datetime.now(UTC).isoformat(),
-        }
+    weights = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    digest = hashlib.sha256(weights).hexdigest()
+    if target.exists():
+        existing = read_manifest(target)
+        if existing.get("sha256") == digest:
+            return existing
+        raise Conflict(f"{target.parent.name} v{target.name[1:]} already exists with other weights; publish a new version")
+    full = {
+        **manifest,
+        "sha256": digest,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
+        "created_at": manifest.get("created_at") or datetime.now(UTC).isoformat(),
+    }
+    with atomic.new_folder(target) as tmp:  # the rename fails if the target appeared meanwhile
+        (tmp / WEIGHTS).write_bytes(weights)
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
-        for path in (weights, tmp / MANIFEST, tmp):
-            _fsync(path)
-        os.rename(tmp, target)  # atomic; fails if the target appeared meanwhile
-        _fsync(target.parent)
-        return full
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a leftover only on failure
+    return full
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -118,8 +87,4 @@ def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def sweep_temp(root: Path) -> int:
     """Remove temp folders left by crashed publishers; returns how many."""
-    removed = 0
-    for tmp in Path(root).glob("*/*/.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        removed += 1
-    return removed
+    return sum(atomic.sweep(parent, ".tmp-*") for parent in Path(root).glob("*/*"))

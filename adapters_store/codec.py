@@ -1,20 +1,18 @@
 """Tasks and shared method modules to and from published artifacts (tensors in safetensors,
-everything else in the manifest)."""
+everything else in the manifest). The store knows tasks as data (`server.task.Task`) and modules
+only as their state dict and config; it never builds a method or touches an engine."""
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from adapters_store import artifacts
-from adapters_store.artifacts import CorruptArtifact
 from server.data.spec import TaskSpec
-from server.errors import Incompatible
-from server.methods import BackboneDims, Method, method_class
+from server.errors import CorruptArtifact, Incompatible
 from server.task import Task
 
 FORMAT = 1
@@ -57,7 +55,7 @@ def load_task(folder: Path, fingerprint: str) -> Task:
     )
 
 
-def module_manifest(method: Method, version: int, fingerprint: str, form_fingerprint: str | None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def module_manifest(method: nn.Module, version: int, fingerprint: str, form_fingerprint: str | None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "kind": "module",
@@ -71,38 +69,16 @@ def module_manifest(method: Method, version: int, fingerprint: str, form_fingerp
     }
 
 
-def publish_module(root: Path, method: Method, version: int, fingerprint: str, form_fingerprint: str | None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def publish_module(root: Path, method: nn.Module, version: int, fingerprint: str, form_fingerprint: str | None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     tensors = {k: v.detach().float() for k, v in method.state_dict().items()}
     manifest = module_manifest(method, version, fingerprint, form_fingerprint, metrics)
     return artifacts.publish(artifacts.shared_dir(root, method.method_id, version), tensors, manifest)
 
 
-def load_module(folder: Path, dims: BackboneDims, fingerprint: str, form_fingerprint: str | None) -> Method:
-    """The shared module in `folder`, built with its recorded config; refuses another backbone,
-    another form module (IP) or other dims."""
+def read_module(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A published shared module's tensors and manifest (checksum verified); building the module
+    from them, and checking it fits an engine, is the engine side's (`server.store_sync`)."""
     tensors, manifest = artifacts.load(folder)
-    what = f"shared {manifest.get('method')} module v{manifest.get('version')}"
-    if manifest.get("backbone_fingerprint") != fingerprint:
-        raise Incompatible(f"{what} was made for backbone {manifest.get('backbone_fingerprint')}, this server runs {fingerprint}")
-    cls = method_class(manifest["method"])
-    if cls.uses_form and manifest.get("form_fingerprint") != form_fingerprint:
-        raise Incompatible(f"{what} was made for form module {manifest.get('form_fingerprint')}, this server runs {form_fingerprint}")
-    if manifest.get("dims") != dataclasses.asdict(dims):
-        raise Incompatible(f"{what} was made for dims {manifest.get('dims')}, this server has {dataclasses.asdict(dims)}")
-    config_cls = _config_class(cls)
-    config = config_cls(**manifest["config"]) if config_cls is not None else None
-    module = cls(dims, config=config)
-    try:
-        module.load_shared(tensors)
-    except RuntimeError as exc:  # missing / unexpected keys or shapes
-        raise CorruptArtifact(f"{folder}: {exc}") from exc
-    return module
-
-
-def _config_class(cls: type[Method]) -> type | None:
-    """The typed config a method's constructor takes (`config: XConfig | None`)."""
-    config_type = typing.get_type_hints(cls.__init__).get("config")
-    for arg in typing.get_args(config_type) or (config_type,):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
+    if manifest.get("kind") != "module":
+        raise CorruptArtifact(f"{folder}: not a shared-module artifact")
+    return tensors, manifest

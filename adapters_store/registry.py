@@ -178,6 +178,11 @@ class Registry:
             rows = s.execute(select(ModuleRow.method, func.max(ModuleRow.version)).group_by(ModuleRow.method)).all()
             return {method: version for method, version in rows}
 
+    def module_sha256(self, method: str, version: int) -> str | None:
+        with self._session() as s:
+            row = s.get(ModuleRow, (method, version))
+            return row.sha256 if row is not None else None
+
     def module_exists(self, method: str, version: int) -> bool:
         with self._session() as s:
             return s.get(ModuleRow, (method, version)) is not None

@@ -31,7 +31,7 @@ from server.training.experiments import load_task_data
 
 
 def run(url: str, task: str, k: int, methods: list[str], zero_shot: float | None, eval_rows: int, steps: int, seed: int, api_key: str | None, prompt_lr: float | None = None) -> dict:
-    data = load_task_data(task, Settings().cache_dir / "data", seq2seq=False, seed=seed, max_test=eval_rows)
+    data = load_task_data(task, Settings().cache_dir / "data", seed=seed, max_test=eval_rows)
     shots = few_shot([LabeledText(e.text, e.target.strip()) for e in data.train], k, seed)
     spec = catalog.get(task)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -172,16 +172,16 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
     pt_names = [f"pt-{i}" for i in range(max(n_list))]
     prompt = {}  # task name -> its soft prompt [m, d], copied into the PEFT adapters below
     for i, name in enumerate(pt_names):
-        task = engine.new_task(name, "prompt_tuning", spec, seed=i)
+        task = engine.tasks.new(name, "prompt_tuning", spec, seed=i)
         prompt[name] = task.params["prompt"].detach().clone()
-        engine.add_task(task)
-    engine.add_task(engine.new_task("pt-gen", "prompt_tuning", gen_spec, init={"prompt": prompt["pt-0"]}))
+        engine.tasks.add(task)
+    engine.tasks.add(engine.tasks.new("pt-gen", "prompt_tuning", gen_spec, init={"prompt": prompt["pt-0"]}))
     per_method = max(1, min(8, batch // len(METHODS)))
     five_names = []
     for method in METHODS:
         for i in range(per_method):
             name = f"{method.replace('_', '-')}-{i}"
-            engine.add_task(engine.new_task(name, method, spec, seed=1000 + i))
+            engine.tasks.add(engine.tasks.new(name, method, spec, seed=1000 + i))
             five_names.append(name)
 
     # PEFT: the same prompts as our prompt_tuning tasks (seq2seq keeps 2n rows; the encoder uses the first n)

@@ -34,13 +34,13 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from server import atomic
+from server.errors import AssetError
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,6 @@ MARKER = ".taskserve-converted.json"
 
 # Sentence used to check that a converted model gives the GGUF model's logits.
 CHECK_SENTENCE = "Review: a wonderful, moving film.\nSentiment: positive"
-
-
-class AssetError(RuntimeError):
-    """A model shipped in a wheel is missing or could not be prepared."""
 
 
 def _package_dir(package: str, distribution: str) -> Path:
@@ -133,23 +129,14 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _make_shareable(folder: Path) -> None:
-    """Give a published folder the usual umask permissions (mkdtemp makes it 0700, some writers 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def publish_folder(
     target: Path, build: Callable[[Path], dict[str, Any]], source: dict[str, Any]
 ) -> Path:
     """Build `target` atomically with `build(tmp_dir)` unless it is already there for this `source`.
 
     `build` fills an empty temporary folder next to `target` and returns facts for the marker; the
-    marker is written last, then the folder is renamed into place with `os.replace`. A crash leaves at
-    most a hidden `.<name>.tmp-*` folder (removed by the next build), never a half `target`.
+    marker is written last, then the folder replaces `target` (`atomic.new_folder`). A crash leaves
+    at most a hidden `.<name>.tmp-*` folder (removed by the next build), never a half `target`.
     Idempotent: a ready `target` is returned at once, without taking the lock.
     """
     if _is_ready(target, source):
@@ -158,24 +145,11 @@ def publish_folder(
     with _exclusive(target.parent / f".{target.name}.lock"):
         if _is_ready(target, source):  # another process finished while we waited
             return target
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed build
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        prefix = f".{target.name}.tmp-"
+        atomic.sweep(target.parent, f"{prefix}*")  # left by a killed build
+        with atomic.new_folder(target, prefix=prefix, replace=True) as tmp:
             facts = build(tmp)
-            marker = {"source": source, **facts}
-            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            _make_shareable(tmp)
-            if target.exists():  # stale (other source) or unmarked: move it aside, then swap
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-                os.replace(target, old / target.name)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / MARKER).write_text(json.dumps({"source": source, **facts}, indent=2) + "\n")
     return target
 
 

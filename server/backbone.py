@@ -38,6 +38,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from server.data.spec import clean_label
 from server.errors import Incompatible
 
 Kind = Literal["decoder", "seq2seq"]
@@ -172,11 +173,21 @@ class Backbone:
         return batch
 
     def encode_target(self, text: str) -> list[int]:
-        """A label verbalizer or target text -> the ids the model must produce after the prompt.
-        T5 targets end in </s>; decoder-only targets are the bare continuation tokens."""
+        """A target text -> the ids the model must produce after the prompt. T5 targets end in
+        </s>; decoder-only targets are the bare continuation tokens."""
         if self.is_encoder_decoder:
             return self.encode(text)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def label_ids(self, label: str, template: str) -> list[int]:
+        """A label's token ids as the answer to a prompt made from `template` — the ONE place labels
+        are verbalized. On a decoder-only model a label continues the template's cue
+        ("Sentiment:") as a new word, so it is scored with a leading space (" positive"), unless the
+        template itself ends in whitespace; T5's decoder starts the label from scratch."""
+        label = clean_label(label)
+        if not self.is_encoder_decoder and not template[-1:].isspace():
+            label = f" {label}"
+        return self.encode_target(label)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """BatchContext: the per-row modulation tensors of one mixed-task batch (DESIGN.md, per-instance contract).
 
 Task identity travels as data: methods write what their rows need through `add_*`, the engine calls
-`assemble()` once, and the hooks in `server/hooks.py` read the assembled tensors during the one
-forward pass. A row that no method touched gets the identity (no prefix, scale 1, zero adapter), so
+`assemble()` (again after late writers such as IP, whose form states arrive with the first pass;
+only what changed is rebuilt), and the hooks in `server/hooks.py` read the assembled tensors during
+the one forward pass. A row that no method touched gets the identity (no prefix, scale 1, zero adapter), so
 one forward serves a batch that mixes tasks AND methods. Writers are out-of-place (`index_put`), so
 gradients flow into method parameters when training.
 """
@@ -69,6 +70,7 @@ class BatchContext:
     _prefixes: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list, repr=False)
     _scales: list[tuple[Tensor, Tensor]] = field(default_factory=list, repr=False)
     _adapters: dict[int, list[_AdapterPiece]] = field(default_factory=dict, repr=False)
+    _assembled: dict[int | str, int] = field(default_factory=dict, repr=False)  # pieces per kind at the last assemble
 
     # ---- writers (methods) -------------------------------------------------------------------
     def add_prefix(self, rows: Tensor, prefix: Tensor, lengths: Tensor | None = None) -> None:
@@ -99,9 +101,11 @@ class BatchContext:
 
     # ---- assembly ----------------------------------------------------------------------------
     def assemble(self) -> BatchContext:
-        """Turn the written pieces into the batch tensors the hooks read (once per batch)."""
+        """Turn the written pieces into the batch tensors the hooks read. Idempotent: a kind is
+        rebuilt (from all its pieces) only when something was written to it since the last call."""
         b, d, dev, dt = self.batch_size, self.d_model, self.device, self.dtype
-        if self._prefixes:
+        done = self._assembled
+        if len(self._prefixes) != done.get("prefix", 0):
             width = max(p.shape[1] for _, p, _ in self._prefixes)
             prefix = torch.zeros(b, width, d, device=dev, dtype=dt)
             prefix_len = torch.zeros(b, dtype=torch.long, device=dev)
@@ -110,14 +114,15 @@ class BatchContext:
                 prefix = prefix.index_put((rows,), p)
                 prefix_len = prefix_len.index_put((rows,), lengths)
             self.prefix, self.prefix_len = prefix, prefix_len
-        if self._scales:
+        if len(self._scales) != done.get("scale", 0):
             scale = torch.ones(b, self.n_block_sites, d, device=dev, dtype=dt)
             for rows, delta in self._scales:
                 scale = scale.index_put((rows,), 1 + delta.to(dt))
             self.hidden_scale = scale.transpose(0, 1).unsqueeze(2)  # [n_sites, batch, 1, d]
         for site, pieces in self._adapters.items():
-            self.adapters[site] = _merge_adapters(pieces, b, dt)
-        self._prefixes, self._scales, self._adapters = [], [], {}
+            if len(pieces) != done.get(site, 0):
+                self.adapters[site] = _merge_adapters(pieces, b, dt)
+        self._assembled = {"prefix": len(self._prefixes), "scale": len(self._scales), **{site: len(p) for site, p in self._adapters.items()}}
         return self
 
     def select(self, index: Tensor) -> BatchContext:
@@ -131,16 +136,24 @@ class BatchContext:
 
 
 def _merge_adapters(pieces: list[_AdapterPiece], batch_size: int, dtype: torch.dtype) -> AdapterWeights:
-    """Stack every writer's table behind a zero slot 0; rows nobody wrote keep slot 0."""
-    first = pieces[0]
-    zero = [torch.zeros_like(t[:1]) for t in (first.down, first.down_bias, first.up, first.up_bias)]
-    tables = [zero] + [[p.down, p.down_bias, p.up, p.up_bias] for p in pieces]
-    slot = torch.zeros(batch_size, dtype=torch.long, device=first.rows.device)
+    """Stack every writer's table behind a zero slot 0; rows nobody wrote keep slot 0. Writers may
+    use different bottlenecks: tables are zero-padded to the widest, and a padded hidden unit is
+    ReLU(x·0 + 0)·0 = 0 exactly, so every row computes what its own writer asked for."""
+    width = max(p.down.shape[-1] for p in pieces)
+
+    def widen(p: _AdapterPiece) -> list[Tensor]:
+        extra = width - p.down.shape[-1]
+        pad = torch.nn.functional.pad
+        return [pad(p.down, (0, extra)), pad(p.down_bias, (0, extra)), pad(p.up, (0, 0, 0, extra)), p.up_bias]
+
+    tables = [widen(p) for p in pieces]
+    zero = [torch.zeros_like(t[:1]) for t in tables[0]]
+    slot = torch.zeros(batch_size, dtype=torch.long, device=pieces[0].rows.device)
     offset = 1
     for p in pieces:
         slot = slot.index_put((p.rows,), p.slot + offset)
         offset += p.down.shape[0]
-    down, down_bias, up, up_bias = (torch.cat([t[i] for t in tables]).to(dtype) for i in range(4))
+    down, down_bias, up, up_bias = (torch.cat([zero[i]] + [t[i] for t in tables]).to(dtype) for i in range(4))
     return AdapterWeights(down, down_bias, up, up_bias, slot)
 
 

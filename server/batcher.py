@@ -1,12 +1,15 @@
 """Dynamic batching: requests from many clients and tasks become mixed batches for the engine.
 
 asyncio on the request side, ONE worker thread on the engine side (the event loop never blocks on
-a forward). A batch closes when it holds `max_rows` rows or `max_tokens` tokens, or `max_wait_ms`
-after its first row arrived. Admission control: at most `max_queue` rows wait; beyond that
-`submit` raises Overloaded (HTTP 429 with Retry-After). A row whose deadline passed, or whose
-caller went away (its future was cancelled), is dropped before it runs. If a batch fails as a
-whole, its rows are retried one by one so one bad row fails alone. `close()` stops admission and
-drains what is queued and in flight. No torch here (house style 4): the engine call is injected.
+a forward). A batch closes when it holds `max_rows` rows or `max_chars` input characters, or
+`max_wait_ms` after its first row arrived. Admission control: at most `max_queue` rows wait; a
+request whose rows do not all fit is refused whole with Overloaded (HTTP 429 with Retry-After). A
+row whose deadline passed, or whose caller went away (its future was cancelled), is dropped before
+it runs. The batch function returns one outcome per row — a result, or that row's own error — so
+one bad row never fails its batch-mates; if the call fails as a whole, its rows are retried one by
+one. A multi-row request fails fast: its first failing row cancels the others, which are dropped
+if they have not run yet. `close()` stops admission and drains what is queued and in flight.
+No torch here (house style 4): the engine call is injected, and so is what observes each batch.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from server.configs import require
 from server.errors import DeadlineExceeded, NotReady, Overloaded
 
 T = TypeVar("T")
@@ -28,8 +32,8 @@ T = TypeVar("T")
 class BatcherConfig:
     max_rows: int = 64
     """Most rows in one batch."""
-    max_tokens: int = 16384
-    """Most input tokens (sum over rows) in one batch; a single larger row still runs alone."""
+    max_chars: int = 16384
+    """Most input characters (summed over rows) in one batch; a single longer row still runs alone."""
     max_wait_ms: float = 5.0
     """How long a batch waits for more rows after its first one."""
     max_queue: int = 1024
@@ -37,24 +41,47 @@ class BatcherConfig:
     default_timeout_s: float = 30.0
     """Deadline of a row that names none."""
 
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_chars", "max_queue"):
+            require(getattr(self, name) >= 1, name, "must be >= 1")
+        require(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
+        require(self.default_timeout_s > 0, "default_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one executed batch looked like (handed to the `observe` callback)."""
+
+    rows: int
+    waits: list[float]  # seconds each row spent queued before its batch started
+    dropped: int  # rows dropped before running (deadline passed, caller gone)
+
 
 @dataclass
 class _Item(Generic[T]):
     payload: T
-    tokens: int
+    chars: int
     deadline: float
     future: asyncio.Future = field(repr=False)
+    queued: float = field(default_factory=time.monotonic)
 
 
 class Batcher(Generic[T]):
-    def __init__(self, run_batch: Callable[[Sequence[T]], list[Any]], config: BatcherConfig | None = None) -> None:
-        self.run_batch, self.config = run_batch, config or BatcherConfig()
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[T]], list[Any]],
+        config: BatcherConfig | None = None,
+        observe: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        """`run_batch(payloads)` returns one outcome per payload: a result, or an exception
+        instance that becomes that row's error. `observe` sees every executed batch."""
+        self.run_batch, self.config, self.observe = run_batch, config or BatcherConfig(), observe
         self._queue: deque[_Item[T]] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
         self._closing = False
-        self.batch_sizes: list[int] = []  # observed batch sizes (metrics read them)
+        self._dropped = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -68,17 +95,32 @@ class Batcher(Generic[T]):
     def depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, payload: T, tokens: int = 1, timeout_s: float | None = None) -> Any:
+    async def submit(self, payload: T, chars: int = 1, timeout_s: float | None = None) -> Any:
+        return (await self.submit_all([payload], [chars], timeout_s))[0]
+
+    async def submit_all(self, payloads: Sequence[T], chars: Sequence[int], timeout_s: float | None = None) -> list[Any]:
+        """Queue the rows of one request together — all of them or none (429) — and return their
+        results in order. The first row that fails cancels the rest and its error is raised."""
         if self._closing:
             raise NotReady("the server is shutting down")
-        if len(self._queue) >= self.config.max_queue:
-            raise Overloaded(f"queue full ({self.config.max_queue} rows waiting)", retry_after=1.0)
+        if len(self._queue) + len(payloads) > self.config.max_queue:
+            raise Overloaded(f"queue full ({len(self._queue)} of {self.config.max_queue} rows waiting, this request has {len(payloads)})", retry_after=1.0)
         self.start()
         loop = asyncio.get_running_loop()
-        item = _Item(payload, tokens, time.monotonic() + (timeout_s or self.config.default_timeout_s), loop.create_future())
-        self._queue.append(item)
+        deadline = time.monotonic() + (timeout_s or self.config.default_timeout_s)
+        items = [_Item(p, c, deadline, loop.create_future()) for p, c in zip(payloads, chars, strict=True)]
+        self._queue.extend(items)
         self._wakeup.set()
-        return await item.future  # a caller that goes away cancels this future: the row is dropped
+        futures = [item.future for item in items]
+        try:
+            done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and not f.cancelled() and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            return [f.result() for f in futures]
+        finally:  # a failed sibling, or a caller that went away: rows not yet run are dropped
+            for f in futures:
+                f.cancel()
 
     async def close(self) -> None:
         """Refuse new rows, finish every queued and in-flight row, stop the worker thread."""
@@ -89,7 +131,7 @@ class Batcher(Generic[T]):
         self._executor.shutdown(wait=True)
 
     def _live(self, item: _Item[T], now: float) -> bool:
-        if item.future.done():  # cancelled by a caller that went away
+        if item.future.done():  # cancelled by a caller that went away (or a failed sibling)
             return False
         if now > item.deadline:
             item.future.set_exception(DeadlineExceeded("the request waited past its deadline"))
@@ -97,16 +139,17 @@ class Batcher(Generic[T]):
         return True
 
     def _take_batch(self) -> list[_Item[T]]:
-        batch, tokens, now = [], 0, time.monotonic()
+        batch, chars, now = [], 0, time.monotonic()
         while self._queue and len(batch) < self.config.max_rows:
             item = self._queue[0]
             if not self._live(item, now):
                 self._queue.popleft()
+                self._dropped += 1
                 continue
-            if batch and tokens + item.tokens > self.config.max_tokens:
+            if batch and chars + item.chars > self.config.max_chars:
                 break
             batch.append(self._queue.popleft())
-            tokens += item.tokens
+            chars += item.chars
         return batch
 
     async def _loop(self) -> None:
@@ -129,29 +172,33 @@ class Batcher(Generic[T]):
             batch = self._take_batch()
             if not batch:
                 continue
-            self.batch_sizes.append(len(batch))
+            if self.observe is not None:
+                started = time.monotonic()
+                self.observe(BatchStats(len(batch), [started - item.queued for item in batch], self._dropped))
+                self._dropped = 0
             await loop.run_in_executor(self._executor, self._run, batch)
 
     def _run(self, batch: list[_Item[T]]) -> None:
-        """On the engine thread: run the batch; on failure, run each row alone."""
+        """On the engine thread: run the batch; if the call fails as a whole, run each row alone."""
         try:
-            results = self.run_batch([item.payload for item in batch])
-            outcomes = [(item, result, None) for item, result in zip(batch, results, strict=True)]
+            outcomes = list(zip(batch, self.run_batch([item.payload for item in batch]), strict=True))
         except Exception:
             outcomes = []
             for item in batch:
+                if item.future.done():  # a sibling's failure cancelled it meanwhile: not worth a forward
+                    continue
                 try:
-                    outcomes.append((item, self.run_batch([item.payload])[0], None))
+                    outcomes.append((item, self.run_batch([item.payload])[0]))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller as its own error
-                    outcomes.append((item, None, exc))
-        for item, result, exc in outcomes:
-            item.future.get_loop().call_soon_threadsafe(_settle, item.future, result, exc)
+                    outcomes.append((item, exc))
+        for item, outcome in outcomes:
+            item.future.get_loop().call_soon_threadsafe(_settle, item.future, outcome)
 
 
-def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+def _settle(future: asyncio.Future, outcome: Any) -> None:
     if future.done():
         return
-    if exc is not None:
-        future.set_exception(exc)
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
     else:
-        future.set_result(result)
+        future.set_result(outcome)

@@ -2,9 +2,10 @@
 
 Subcommands: `serve` (the HTTP API over the store, with an embedded training worker), `worker`
 (training jobs), `train` / `eval` (multi-task training and evaluation on the real data), `data fetch`,
-`store export|import` (store seeds such as the demo store), `tasks` / `jobs` (a running server, over
-the client), `demo` / `predict` (in-process, no store), `prepare` (the offline models), `bench`.
-Common options: --backbone, --device, --dtype (or the TASKSERVE_* environment variables).
+`store export|import` (store seeds such as the demo store), `tasks` / `jobs` / `predict` (a running
+server, over the client), `prepare` (the offline models), `bench` (the benchmark harness of a source
+checkout). Common options: --backbone, --device, --dtype, --store (or the TASKSERVE_* variables).
+Method choices come from the method registry (plugins named in TASKSERVE_PLUGINS included).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import sys
 import time
 
-from server.errors import TaskservError
+from server.errors import InvalidRequest, NotFound, TaskservError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -30,48 +31,15 @@ def _settings(args: argparse.Namespace):
     return Settings(**overrides)
 
 
-def _engine(args: argparse.Namespace):
-    from server import assets
-    from server.backbone import load_backbone, load_form_module
-    from server.engine import Engine
-
-    settings = _settings(args)
-    device, dtype = settings.resolved_device(), settings.resolved_dtype()
-    start = time.perf_counter()
-    backbone = load_backbone(assets.resolve_backbone(settings.backbone, settings.cache_dir), device=device, dtype=dtype)
-    form = None
-    if not backbone.is_encoder_decoder:
-        form = load_form_module(assets.resolve_form_module(settings.form_module, settings.cache_dir), device=device)
-    engine = Engine(backbone, form)
-    print(f"loaded {settings.backbone} ({backbone.kind}, d={backbone.d_model}, {backbone.n_layers} layers, "
-          f"fingerprint {backbone.fingerprint}) on {device}/{str(dtype).removeprefix('torch.')} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return engine
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from server.demo import EXAMPLES, add_demo_tasks, format_results
-
-    engine = _engine(args)
-    add_demo_tasks(engine)
-    start = time.perf_counter()
-    results = engine.run(EXAMPLES)
-    print(format_results(EXAMPLES, results))
-    print(f"{len(EXAMPLES)} rows over {len({r.task for r in EXAMPLES})} tasks in one batch: {time.perf_counter() - start:.2f} s", file=sys.stderr)
-    print("The HTTP server (taskserve serve) arrives with the serving issue.", file=sys.stderr)
-    return 0
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from server.demo import add_demo_tasks, format_results
-    from server.engine import Request
-
-    engine = _engine(args)
-    names = add_demo_tasks(engine)
-    if args.task not in names:
-        print(f"unknown task {args.task!r}; demo tasks: {', '.join(names)}", file=sys.stderr)
-        return 2
-    requests = [Request(args.task, args.text, max_new_tokens=args.max_new_tokens)]
-    print(format_results(requests, engine.run(requests)))
+    with _client(args) as client:
+        try:
+            result = client.predict(args.task, args.text, max_new_tokens=args.max_new_tokens)
+        except NotFound as exc:
+            print(f"unknown task {args.task!r} ({exc.message})", file=sys.stderr)
+            return 2
+    scores = "" if result.scores is None else "  " + " ".join(f"{k}={v:.3f}" for k, v in result.scores.items())
+    print(f"{result.task} v{result.task_version} {args.text[:46]!r} -> {result.output!r}{scores}")
     return 0
 
 
@@ -151,16 +119,17 @@ def _write_json(path: str, payload) -> None:
 
 def _experiment_setup(args: argparse.Namespace, names: list[str]):
     from adapters_store.store import Store
-    from server.api.app import load_engine
+    from server.factory import build_engine
+    from server.store_sync import attach
     from server.training.experiments import load_task_data
 
     settings = _settings(args)
     torch_seed(args.seed)
-    engine = load_engine(settings, task_memory=False)
+    engine = build_engine(settings, training=True)
     store = Store(settings.store, settings.db_url)
-    store.attach(engine)
+    attach(store, engine)
     data_dir = settings.cache_dir / "data"
-    data = {n: load_task_data(n, data_dir, engine.backbone.is_encoder_decoder, seed=args.seed, max_test=args.eval_rows) for n in names}
+    data = {n: load_task_data(n, data_dir, seed=args.seed, max_test=args.eval_rows) for n in names}
     for d in data.values():
         if args.max_train:
             d.train = d.train[: args.max_train]
@@ -190,19 +159,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from server.data import catalog
     from server.training.experiments import multitask
 
+    from server.methods import method_ids
+
     names = _task_names(args.tasks, catalog.MIX)
     _, engine, store, data = _experiment_setup(args, names)
-    if args.config:
-        _fresh_module(engine, args.method, args.config)
-    report = multitask(engine, store, args.method, names, data, _train_config(args), eval_rows=args.eval_rows, on_progress=_ProgressLine(), publish=not args.no_publish)
-    print(f"{'task':<18} {'test acc':>9} {'test F1':>8} {'n':>5}")
-    for name, metrics in report["tasks"].items():
-        test = metrics["test"]
-        print(f"{name:<18} {test['accuracy']:>9.3f} {test['f1_macro']:>8.3f} {test['n']:>5}")
-    mean = sum(m["test"]["accuracy"] for m in report["tasks"].values()) / len(report["tasks"])
-    print(f"{'average':<18} {mean:>9.3f}   ({args.method}, {report['train_seconds']} s, module v{report.get('module_version', '-')})")
-    if args.out:
-        _write_json(args.out, report)
+    methods = method_ids(trainable=True) if args.method == "all" else [args.method]  # registry order: ATTEMPT's sources come first
+    for method in methods:
+        if args.config:
+            _fresh_module(engine, method, args.config)
+        report = multitask(engine, store, method, names, data, _train_config(args), eval_rows=args.eval_rows, on_progress=_ProgressLine(), publish=not args.no_publish)
+        print(f"{'task':<18} {'test acc':>9} {'test F1':>8} {'n':>5}")
+        for name, metrics in report["tasks"].items():
+            test = metrics["test"]
+            print(f"{name:<18} {test['accuracy']:>9.3f} {test['f1_macro']:>8.3f} {test['n']:>5}")
+        mean = sum(m["test"]["accuracy"] for m in report["tasks"].values()) / len(report["tasks"])
+        print(f"{'average':<18} {mean:>9.3f}   ({method}, {report['train_seconds']} s, module v{report.get('module_version', '-')})")
+        if args.out:
+            _write_json(args.out.replace("{method}", method), report)
     store.close()
     return 0
 
@@ -213,7 +186,7 @@ def _fresh_module(engine, method: str, overrides: list[str]) -> None:
     import dataclasses
     import json
 
-    current = engine.method(method)
+    current = engine.tasks.method(method)
     changes = {}
     for item in overrides:
         key, _, value = item.partition("=")
@@ -221,8 +194,11 @@ def _fresh_module(engine, method: str, overrides: list[str]) -> None:
             changes[key] = json.loads(value)
         except ValueError:
             changes[key] = value
-    config = dataclasses.replace(current.config, **changes)
-    engine.set_module(method, 0, type(current)(engine.dims, config=config, embedding=engine.backbone.embedding.weight))
+    try:
+        config = dataclasses.replace(current.config, **changes)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"--config: {exc}") from None
+    engine.tasks.set_module(method, 0, type(current)(engine.dims, config=config, embedding=engine.backbone.embedding.weight))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -287,10 +263,40 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                 print(f"{task['name']:<32} {task['method']:<14} v{task['version']}  {task['status']:<8} {'served' if task['served'] else '-'}")
         elif args.action == "show":
             print(json.dumps(client.task(args.name), indent=2))
+        elif args.action == "create":
+            fields = {
+                "description": args.description, "template": args.template, "scoring": args.scoring,
+                "labels": [label.strip() for label in args.labels.split(",")] if args.labels else None,
+                "examples": read_examples(args.examples) if args.examples else None,
+                "train": {"steps": args.steps} if args.steps else None,
+            }
+            created = client.create_task(args.name, args.method, **fields)
+            task = created["task"]
+            print(f"{task['name']} ({task['method']}): {task['status']}" + (f", training job {created['job']}" if created.get("job") else ""))
         else:
             client.delete_task(args.name)
             print(f"deleted {args.name}")
     return 0
+
+
+def read_examples(path: str) -> list[dict[str, str]]:
+    """Few-shot examples from a .jsonl file (one {"text", "label" | "target"} object per line) or
+    a .csv file with a header naming `text` and `label` (or `target`) columns."""
+    import csv
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    try:
+        if file.suffix == ".csv":
+            with file.open(newline="") as handle:
+                rows = [dict(row) for row in csv.DictReader(handle)]
+        else:
+            rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"--examples: cannot read {path} ({exc})") from None
+    keep = ("text", "label", "target")
+    return [{k: str(v) for k, v in row.items() if k in keep and v not in (None, "")} for row in rows]
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -308,21 +314,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.run import main as bench_main
+    """The harness lives in the source checkout's bench/ (it needs the test extra's peft), not in
+    the installed package: run it as `python -m bench.run` from there."""
+    import importlib.util
+    import subprocess
 
-    return bench_main(args.bench_args) or 0
+    if importlib.util.find_spec("bench.run") is None:
+        print("taskserve bench runs bench/run.py of a source checkout; run it from the repository root", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench.run", *args.bench_args])
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.methods import method_ids
+
     parser = argparse.ArgumentParser(prog="taskserve", description="Multi-task inference server over one frozen backbone.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="load the default backbone and run demo tasks in one mixed batch")
-    _common(demo)
-    demo.set_defaults(func=cmd_demo)
-    predict = sub.add_parser("predict", help="predict one row with a demo task")
-    _common(predict)
+    predict = sub.add_parser("predict", help="predict one row with any task of a running server (TASKSERVE_URL)")
     predict.add_argument("--task", required=True)
     predict.add_argument("--max-new-tokens", type=int, default=None)
+    predict.add_argument("--url", help="server URL (default TASKSERVE_URL or http://TASKSERVE_HOST:TASKSERVE_PORT)")
     predict.add_argument("text")
     predict.set_defaults(func=cmd_predict)
     serve = sub.add_parser("serve", help="run the HTTP API on TASKSERVE_HOST:TASKSERVE_PORT over the store (TASKSERVE_STORE)")
@@ -356,21 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--eval-rows", type=int, default=300, help="test rows per task")
         cmd.add_argument("--max-train", type=int, help="cap on training rows per task")
         cmd.add_argument("--seed", type=int, default=0)
-        cmd.add_argument("--out", help="write the report as JSON here")
+        cmd.add_argument("--out", help="write the report as JSON here (train: `{method}` in the path is replaced)")
     train_cmd, eval_cmd = sub.choices["train"], sub.choices["eval"]
-    train_cmd.add_argument("--method", required=True, choices=("prompt_tuning", "tpv", "attempt", "ip", "pha"))
+    train_cmd.add_argument("--method", required=True, choices=[*method_ids(trainable=True), "all"], help="a method, or all of them in registry order")
     train_cmd.add_argument("--no-publish", action="store_true", help="report only; publish nothing")
     train_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="start from a fresh shared module with this config field changed (repeatable)")
     train_cmd.set_defaults(func=cmd_train)
     eval_cmd.add_argument("--zero-shot", action="store_true", help="also score the backbone alone with the description")
     eval_cmd.add_argument("--few-shot", help="comma-separated k values: few-shot transfer runs on the tasks")
     eval_cmd.add_argument("--seeds", default="0,1,2")
-    eval_cmd.add_argument("--methods", default="prompt_tuning,tpv,attempt,ip,pha")
+    eval_cmd.add_argument("--methods", default=",".join(method_ids(trainable=True)), help="comma-separated methods for --few-shot (default: every trainable one)")
     eval_cmd.set_defaults(func=cmd_eval)
-    tasks = sub.add_parser("tasks", help="list / show / delete tasks on a running server (TASKSERVE_URL)")
-    tasks.add_argument("action", choices=("list", "show", "delete"))
+    tasks = sub.add_parser("tasks", help="list / show / create / delete tasks on a running server (TASKSERVE_URL)")
+    tasks.add_argument("action", choices=("list", "show", "create", "delete"))
     tasks.add_argument("name", nargs="?")
     tasks.add_argument("--url", help="server URL (default TASKSERVE_URL or http://TASKSERVE_HOST:TASKSERVE_PORT)")
+    tasks.add_argument("--method", choices=method_ids(), help="create: the task's method")
+    tasks.add_argument("--examples", metavar="FILE", help="create: few-shot examples (.jsonl or .csv with text,label columns): a training job")
+    tasks.add_argument("--labels", help="create: comma-separated labels (a classification task)")
+    tasks.add_argument("--description", help="create: what the task is, in words")
+    tasks.add_argument("--template", help="create: input template with {text}")
+    tasks.add_argument("--scoring", choices=("first", "sum", "mean"), help="create: how labels are scored")
+    tasks.add_argument("--steps", type=int, help="create: training steps of the job")
     tasks.set_defaults(func=cmd_tasks)
     jobs = sub.add_parser("jobs", help="show a training job on a running server")
     jobs.add_argument("action", choices=("show",))
@@ -386,10 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server.methods import load_plugins
+    from server.settings import Settings
+
+    load_plugins(Settings().plugin_modules)  # plugin methods are valid choices
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "action", None) in ("show", "delete") and args.func is cmd_tasks and not args.name:
+    if args.func is cmd_tasks and args.action in ("show", "create", "delete") and not args.name:
         parser.error(f"tasks {args.action} needs a task name")
+    if args.func is cmd_tasks and args.action == "create" and not args.method:
+        parser.error("tasks create needs --method")
     try:
         return args.func(args)
     except TaskservError as exc:

@@ -1,26 +1,23 @@
 """The engine: one frozen backbone, many tasks, ONE forward per mixed-task batch.
 
 Three verbs (house style 4):
-- `schedule(requests)`: validate, render each row with its task's template (and description for
-  IP), tokenize, group rows by method — no torch work beyond lookups;
-- `execute(plan)`: methods fill one BatchContext (prefixes, hidden scales, adapters), the runner
-  does the first pass (decoder-only prompt pass / T5 encoder), IP's form states arrive, then
+- `schedule(requests)`: look up each row's task (the version it will be served with) and method,
+  render it with the task's template, tokenize, check limits, group rows by method — lookups and
+  tokenization only, no torch work;
+- `execute(plan)`: the plan's task versions are made resident (device copies with their cached
+  statics, `TaskTable.pin`), methods fill one BatchContext (prefixes, hidden scales, adapters),
+  the runner does the first pass (producing the form states IP reads on the way), then
   rank-classification scores for classification rows and greedy generation for generative rows;
 - `complete(plan, out)`: turn scores and token ids into results.
 `loss(examples)` runs the same path with gradients flowing into method parameters only.
 
-Per-task tensors that do not depend on the input (soft prompts, PHA's generated adapters) are
-computed once per task version (`Method.static`) and cached on the device; per-instance ones
-(ATTEMPT's attention, IP's task embedding) are computed in the batch. There is no Python loop over
-tasks in the forward: rows carry their task as an index and methods gather per row.
+Task bookkeeping (tasks, shared-module versions, device residency) is `self.tasks`, a `TaskTable`.
+There is no Python loop over tasks in the forward: rows carry their task as an index and methods
+gather per row.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +26,15 @@ from torch import Tensor, nn
 
 from server.backbone import Backbone, FormModule, masked_mean
 from server.batch import BatchContext, pack_rows
-from server.data.spec import TaskSpec
-from server.errors import Incompatible, InputTooLong, InvalidRequest, NotFound
+from server.configs import require
+from server.errors import InputTooLong, InvalidRequest, TaskservError
 from server.hooks import ContextHooks
 from server.methods import BackboneDims, Method, RowGroup, method_class
-from server.runners import DecoderRunner, Encoded, Seq2SeqRunner, pad_ids
-from server.task import Task
+from server.runners import DecoderRunner, Encoded, FormRequest, Seq2SeqRunner, pad_ids
+from server.task import Example, Request, Task
+from server.task_table import LoadedTask, ModuleKey, TaskTable
 
-
-ModuleKey = tuple[str, int]  # (method id, shared-module version)
+__all__ = ["Engine", "EngineConfig", "Example", "Output", "Plan", "Request", "Result", "backbone_dims", "default_methods"]
 
 
 @dataclass(frozen=True)
@@ -54,21 +51,10 @@ class EngineConfig:
     """Bound on device memory for per-task tensors (params + cached statics). Least recently used
     tasks are evicted and rebuilt on demand from their host copy; None = no bound."""
 
-
-@dataclass(frozen=True)
-class Request:
-    task: str
-    text: str
-    max_new_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class Example:
-    """A training row: `target` is a label verbalizer or a target text."""
-
-    task: str
-    text: str
-    target: str
+    def __post_init__(self) -> None:
+        for name in ("max_input_tokens", "max_new_tokens", "length_multiple"):
+            require(getattr(self, name) >= 1, name, "must be >= 1")
+        require(self.task_memory_bytes is None or self.task_memory_bytes >= 0, "task_memory_bytes", "must be >= 0 or None")
 
 
 @dataclass
@@ -81,35 +67,27 @@ class Result:
     """Per-label probability (softmax over the labels' scores under the task's scoring rule)."""
 
 
-@dataclass(frozen=True, eq=False)
-class LoadedTask:
-    """A task version resident on the device, with what the engine derived from it once: the
-    method's static tensors and the label verbalizers' token ids."""
+@dataclass
+class Group:
+    """The rows of one (method, module version) in a plan, with the module resolved once."""
 
-    task: Task  # params on the engine's device
-    static: dict[str, Tensor]
-    targets: list[list[int]]
-
-    @functools.cached_property
-    def nbytes(self) -> int:  # once per resident version: _evict sums it on every batch
-        tensors = [*self.task.params.values(), *self.static.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+    method: Method
+    rows: list[int] = field(default_factory=list)
 
 
 @dataclass
 class Plan:
-    """A scheduled batch: rows in request order, grouped by method. It holds the task versions it
-    was scheduled with, so a version swapped in meanwhile never changes a batch in flight."""
+    """A scheduled batch: rows in request order, grouped by method. It holds the task versions
+    (host copies) and shared modules it was scheduled with, so a version swapped in meanwhile never
+    changes a batch in flight."""
 
-    loaded: list[LoadedTask]
+    tasks: list[Task]
     prompt_ids: list[list[int]]
     form_texts: list[str]
     max_new: list[int]
-    groups: dict[ModuleKey, list[int]] = field(default_factory=dict)  # (method id, module version) -> rows
-
-    @property
-    def tasks(self) -> list[Task]:
-        return [entry.task for entry in self.loaded]
+    groups: dict[ModuleKey, Group] = field(default_factory=dict)
+    loaded: list[LoadedTask] = field(default_factory=list)
+    """Filled by `execute`: the resident copies of `tasks` (row by row) the batch ran with."""
 
 
 @dataclass
@@ -120,17 +98,11 @@ class Output:
 
 def default_methods(backbone: Backbone, form: FormModule | None, **configs: Any) -> dict[str, nn.Module]:
     """Every registered method with default (or given) configs, shared state freshly initialised."""
-    from server.methods.base import REGISTRY
+    from server.methods import method_ids
 
     dims = backbone_dims(backbone, form)
     embedding = backbone.embedding.weight
-    methods: dict[str, nn.Module] = {}
-    for method_id, cls in REGISTRY.items():
-        kwargs: dict[str, Any] = {}
-        if method_id in configs:
-            kwargs["config"] = configs[method_id]
-        methods[method_id] = cls(dims, embedding=embedding, **kwargs)
-    return methods
+    return {m: method_class(m)(dims, config=configs.get(m), embedding=embedding) for m in method_ids()}
 
 
 def backbone_dims(backbone: Backbone, form: FormModule | None) -> BackboneDims:
@@ -158,179 +130,77 @@ class Engine:
         methods: dict[str, nn.Module] | None = None,
         config: EngineConfig | None = None,
     ) -> None:
-        self.backbone, self.form, self.config = backbone, form, config or EngineConfig()
+        self.backbone, self.config = backbone, config or EngineConfig()
         self.dims = backbone_dims(backbone, form)
-        self.methods = nn.ModuleDict(methods if methods is not None else default_methods(backbone, form))
-        """The CURRENT shared module of each method: new tasks are made with it."""
-        self.methods.to(backbone.device)  # method weights stay fp32; their outputs are cast per batch
-        self.module_versions: dict[str, int] = {m: 0 for m in self.methods}
-        self._older: dict[ModuleKey, Method] = {}  # superseded module versions that loaded tasks still use
         self.hooks = ContextHooks(backbone)
-        runner_cls = Seq2SeqRunner if backbone.is_encoder_decoder else DecoderRunner
-        self.runner = runner_cls(backbone, self.hooks, self.config.length_multiple)
-        self._tasks: dict[str, Task] = {}  # every servable task; params on the host
-        self._resident: OrderedDict[str, LoadedTask] = OrderedDict()  # device copies, least recent first
-        self._lock = threading.RLock()  # add/remove vs. a batch being scheduled on another thread
-
-    # ---- shared modules ------------------------------------------------------------------------
-    def method(self, method_id: str, version: int | None = None) -> Method:
-        """The shared module of `method_id` at `version` (None: the current one)."""
-        if method_id not in self.methods:
-            method_class(method_id)  # raises InvalidRequest naming the known ids
-            raise InvalidRequest(f"method: {method_id!r} is not loaded in this engine")
-        if version is None or version == self.module_versions[method_id]:
-            return self.methods[method_id]  # type: ignore[return-value]
-        older = self._older.get((method_id, version))
-        if older is None:
-            raise Incompatible(f"shared {method_id} module v{version} is not loaded (current: v{self.module_versions[method_id]})")
-        return older
+        if backbone.is_encoder_decoder:
+            self.runner: DecoderRunner | Seq2SeqRunner = Seq2SeqRunner(backbone, self.hooks, self.config.length_multiple)
+        else:
+            self.runner = DecoderRunner(backbone, self.hooks, self.config.length_multiple, form)
+        self.form_fingerprint = form.fingerprint if form is not None else None
+        self.tasks = TaskTable(backbone, methods if methods is not None else default_methods(backbone, form), self.config.task_memory_bytes, can_form=self.runner.can_form)
 
     @property
-    def form_fingerprint(self) -> str | None:
-        return self.form.fingerprint if self.form is not None else None
-
-    def has_module(self, method_id: str, version: int) -> bool:
-        return self.module_versions.get(method_id) == version or (method_id, version) in self._older
-
-    def set_module(self, method_id: str, version: int, module: Method, *, current: bool = True) -> None:
-        """Install a shared module version. As `current`, new tasks use it; tasks already loaded keep
-        the version they were made with, so their outputs never change."""
-        module.to(self.backbone.device).requires_grad_(False)
-        with self._lock:
-            if not current:
-                self._older[(method_id, version)] = module
-                return
-            previous = self.module_versions.get(method_id)
-            if previous is not None and previous != version:
-                self._older[(method_id, previous)] = self.methods[method_id]  # type: ignore[assignment]
-            self._older.pop((method_id, version), None)
-            self.methods[method_id] = module
-            self.module_versions[method_id] = version
-            self._drop_unused_modules()
-
-    def _drop_unused_modules(self) -> None:
-        used = {(t.method, t.module_version) for t in self._tasks.values()}
-        for key in [k for k in self._older if k not in used]:
-            del self._older[key]
-
-    # ---- task lifecycle (idempotent) -------------------------------------------------------
-    @property
-    def tasks(self) -> dict[str, Task]:
-        with self._lock:
-            return dict(self._tasks)
-
-    @property
-    def resident_bytes(self) -> int:
-        with self._lock:
-            return sum(entry.nbytes for entry in self._resident.values())
-
-    def loaded(self, name: str) -> LoadedTask:
-        """The device-resident version of a task, rebuilt from its host copy if it was evicted."""
-        with self._lock:
-            entry = self._resident.get(name)
-            if entry is None:
-                task = self._tasks.get(name)
-                if task is None:
-                    raise NotFound(f"task {name!r} does not exist")
-                entry = self._resident[name] = self._make_resident(task)
-            self._resident.move_to_end(name)
-            return entry
-
-    def new_task(self, name: str, method: str, spec: TaskSpec, *, init: dict[str, Any] | None = None, seed: int = 0, version: int = 1) -> Task:
-        """A fresh task (not yet added): per-task params from the current module's initialisation."""
-        m = self.method(method)
-        if m.uses_form and not self.backbone.is_encoder_decoder and self.form is None:
-            raise InvalidRequest(f"method: {method} on a decoder-only backbone needs a form module")
-        generator = torch.Generator().manual_seed(seed)
-        params, meta = m.init_task(spec, self.backbone.embedding.weight, generator, init or {})
-        return Task(name=name, method=method, spec=spec, params=params, version=version, meta=meta, module_version=self.module_versions[method])
-
-    def add_task(self, task: Task) -> None:
-        """Make `task` servable; a newer version replaces the old one atomically. Its tensors are
-        checked (static computed) now, so a broken task fails here, not inside a batch."""
-        entry = self._make_resident(task)
-        host = task if all(p.device.type == "cpu" for p in task.params.values()) else _with_params(task, "cpu")
-        with self._lock:
-            self._tasks[task.name] = host
-            self._resident[task.name] = entry
-            self._resident.move_to_end(task.name)
-            self._evict(keep={task.name})
-            self._drop_unused_modules()
-
-    def remove_task(self, name: str) -> None:
-        with self._lock:
-            self._tasks.pop(name, None)
-            self._resident.pop(name, None)
-            self._drop_unused_modules()
-
-    def _make_resident(self, task: Task) -> LoadedTask:
-        method = self.method(task.method, task.module_version)
-        device_task = _with_params(task, self.backbone.device)
-        with torch.no_grad():
-            static = {k: v.detach() for k, v in method.static(device_task).items()}
-        targets = [self.backbone.encode_target(label) for label in task.spec.labels]
-        if any(not t for t in targets):
-            raise InvalidRequest(f"labels: a label of task {task.name!r} encodes to no tokens")
-        if task.spec.scoring == "first" and len({t[0] for t in targets}) < len(targets):
-            raise InvalidRequest(f"labels: labels of task {task.name!r} share their first token; use scoring 'sum' or 'mean'")
-        return LoadedTask(device_task, static, targets)
-
-    def _evict(self, keep: set[str]) -> None:
-        """Drop least recently used device copies until under the bound (never those in `keep`:
-        the batch being scheduled). A batch in flight holds its own references, so eviction never
-        pulls tensors from under it."""
-        budget = self.config.task_memory_bytes
-        if budget is None:
-            return
-        total = sum(entry.nbytes for entry in self._resident.values())
-        for name in list(self._resident):
-            if total <= budget:
-                break
-            if name not in keep:
-                total -= self._resident.pop(name).nbytes
+    def methods(self) -> nn.ModuleDict:
+        """The current shared module of each method (`self.tasks.modules`)."""
+        return self.tasks.modules
 
     # ---- schedule → execute → complete -----------------------------------------------------
     def run(self, requests: list[Request]) -> list[Result]:
         plan = self.schedule(requests)
         return self.complete(plan, self.execute(plan))
 
-    def schedule(self, requests: list[Request]) -> Plan:
+    def run_each(self, requests: list[Request]) -> list[Result | TaskservError]:
+        """`run`, where a row that cannot be scheduled (unknown task, too long, ...) gets its error
+        in its place while the other rows still run together — what a server's batch needs."""
+        refused: dict[int, TaskservError] = {}
+        plan = self.schedule(requests, refused=refused)
+        results = iter(self.complete(plan, self.execute(plan)) if plan.tasks else ())
+        return [refused[i] if i in refused else next(results) for i in range(len(requests))]
+
+    def check(self, requests: list[Request]) -> None:
+        """Raise what `schedule` would raise for these rows, without planning them."""
+        self.schedule(requests)
+
+    def schedule(self, requests: list[Request], *, refused: dict[int, TaskservError] | None = None) -> Plan:
+        """Plan `requests`. A row that cannot be served raises — or, given `refused`, is recorded
+        there (request index -> error) and left out of the plan."""
         if not requests:
             raise InvalidRequest("inputs: at least one row is required")
-        with self._lock:
-            loaded = [self.loaded(r.task) for r in requests]
-            self._evict(keep={r.task for r in requests})
-        tasks = [entry.task for entry in loaded]
-        plan = Plan(loaded=loaded, prompt_ids=[], form_texts=[], max_new=[])
-        texts = [self.method(task.method, task.module_version).render(task.spec, req.text) for req, task in zip(requests, tasks)]
-        for row, (req, task, text, ids) in enumerate(zip(requests, tasks, texts, self.backbone.encode_batch(texts))):
+
+        def refuse(i: int, exc: TaskservError) -> None:
+            if refused is None:
+                raise exc
+            refused[i] = exc
+
+        accepted: list[tuple[int, Request, Task]] = []
+        for i, request in enumerate(requests):
+            try:
+                accepted.append((i, request, self.tasks.get_task(request.task)))
+            except TaskservError as exc:
+                refuse(i, exc)
+        plan = Plan(tasks=[], prompt_ids=[], form_texts=[], max_new=[])
+        methods = {key: self.tasks.method(*key) for key in dict.fromkeys((t.method, t.module_version) for _, _, t in accepted)}
+        texts = [methods[(t.method, t.module_version)].render(t.spec, r.text) for _, r, t in accepted]
+        for (i, request, task), text, ids in zip(accepted, texts, self.backbone.encode_batch(texts) if texts else []):
+            max_new = request.max_new_tokens or task.spec.max_new_tokens
             if len(ids) > self.config.max_input_tokens:
-                raise InputTooLong(f"text: {len(ids)} tokens after the {task.name!r} template, limit {self.config.max_input_tokens}")
-            max_new = req.max_new_tokens or task.spec.max_new_tokens
-            if not 1 <= max_new <= self.config.max_new_tokens:
-                raise InvalidRequest(f"max_new_tokens: must be in [1, {self.config.max_new_tokens}]")
-            plan.prompt_ids.append(ids)
-            plan.form_texts.append(text)
-            plan.max_new.append(max_new)
-            plan.groups.setdefault((task.method, task.module_version), []).append(row)
+                refuse(i, InputTooLong(f"text: {len(ids)} tokens after the {task.name!r} template, limit {self.config.max_input_tokens}"))
+            elif not 1 <= max_new <= self.config.max_new_tokens:
+                refuse(i, InvalidRequest(f"max_new_tokens: must be in [1, {self.config.max_new_tokens}]"))
+            else:
+                key = (task.method, task.module_version)
+                plan.groups.setdefault(key, Group(methods[key])).rows.append(len(plan.tasks))
+                plan.tasks.append(task)
+                plan.prompt_ids.append(ids)
+                plan.form_texts.append(text)
+                plan.max_new.append(max_new)
         return plan
 
     @torch.no_grad()
     def execute(self, plan: Plan) -> Output:
         enc, ctx, _ = self._encode(plan, live=False)
         return self._read_out(plan, enc, ctx)
-
-    @torch.no_grad()
-    def features(self, requests: list[Request]) -> Tensor:
-        """Pooled feature-site states of the rows under their tasks' modulation: [b, d] (fp32).
-        PHA's retriever reads these (eq 10)."""
-        plan = self.schedule(requests)
-        _, _, groups = self._encode(plan, live=False, capture=True)
-        out = torch.zeros(len(requests), self.backbone.d_model, device=self.backbone.device)
-        for group in groups.values():
-            if group.features is not None:
-                out[group.rows] = group.features.float()
-        return out
 
     def complete(self, plan: Plan, out: Output) -> list[Result]:
         results = []
@@ -345,55 +215,65 @@ class Engine:
                 results.append(Result(task.name, task.version, text))
         return results
 
+    @torch.no_grad()
+    def features(self, requests: list[Request]) -> Tensor:
+        """Pooled feature-site states of the rows under their tasks' modulation: [b, d] (fp32)
+        (e.g. what PHA's retriever reads, eq 10)."""
+        plan = self.schedule(requests)
+        _, _, groups = self._encode(plan, live=False, capture=True)
+        out = torch.zeros(len(requests), self.backbone.d_model, device=self.backbone.device)
+        for group in groups.values():
+            if group.features is not None:
+                out[group.rows] = group.features.float()
+        return out
+
     # ---- the shared forward path ------------------------------------------------------------
-    def _encode(self, plan: Plan, *, live: bool, capture: bool = False) -> tuple[Encoded, BatchContext, dict[str, RowGroup]]:
+    def _encode(self, plan: Plan, *, live: bool, capture: bool = False) -> tuple[Encoded, BatchContext, dict[ModuleKey, RowGroup]]:
         """Methods fill the context, then the first pass runs. `live` recomputes static per-task
         tensors with gradients (training) instead of using the cache."""
         device = self.backbone.device
+        plan.loaded = loaded = self.tasks.pin(plan.tasks, {key: g.method for key, g in plan.groups.items()})
         ids, lengths = pad_ids(plan.prompt_ids, self.backbone.pad_id, device)
         token_embeds = self.backbone.embed(ids)  # [b, n, d], real tokens first
         token_mask = (torch.arange(ids.shape[1], device=device) < lengths.unsqueeze(1)).long()
         ctx = BatchContext(len(plan.tasks), self.backbone.d_model, self.backbone.n_layers, device, self.backbone.dtype, capture_features=capture)
-        groups: dict[str, RowGroup] = {}
-        for key, rows in plan.groups.items():
-            method = self.method(*key)
-            distinct = list(dict.fromkeys(plan.loaded[r] for r in rows))
+        groups: dict[ModuleKey, RowGroup] = {}
+        for key, plan_group in plan.groups.items():
+            method, rows = plan_group.method, plan_group.rows
+            distinct: list[LoadedTask] = list(dict.fromkeys(loaded[r] for r in rows))
             slot_of = {id(entry): i for i, entry in enumerate(distinct)}
             index = torch.tensor(rows, device=device)
-            group = RowGroup(
+            groups[key] = group = RowGroup(
                 rows=index,
                 tasks=[entry.task for entry in distinct],
-                task_slot=torch.tensor([slot_of[id(plan.loaded[r])] for r in rows], device=device),
+                task_slot=torch.tensor([slot_of[id(loaded[r])] for r in rows], device=device),
                 statics=[method.static(entry.task) if live else entry.static for entry in distinct],
                 embeds=token_embeds[index],
                 mask=token_mask[index],
-                peers=self._peers(key) if live else [],
+                peers=self.tasks.peers(key) if live else [],
             )
             method.modulate(group, ctx)
-            groups[key] = group
-        form_groups = {k: g for k, g in groups.items() if self.method(*k).uses_form}
-        if form_groups and not self.backbone.is_encoder_decoder:
-            for key, group in form_groups.items():
-                form = self.form.layer_states([plan.form_texts[r] for r in group.rows.tolist()])  # [n1, g, d1]
-                self.method(*key).modulate_from_form(group, ctx, form.to(device))
+        form_keys = [k for k, g in plan.groups.items() if g.method.uses_form]
+        form = None
+        if form_keys:
+            form_rows = torch.cat([groups[k].rows for k in form_keys])
+
+            def deliver(states: Tensor) -> None:  # [n1, f, d1] for form_rows, in order
+                start = 0
+                for k in form_keys:
+                    n = groups[k].rows.numel()
+                    plan.groups[k].method.modulate_from_form(groups[k], ctx, states[:, start : start + n])
+                    start += n
+
+            form = FormRequest(form_rows, [plan.form_texts[r] for r in form_rows.tolist()], deliver)
         ctx.assemble()
         embeds, mask = pack_rows(ctx.prefix, ctx.prefix_len, token_embeds, lengths, left_pad=self.runner.left_pad, multiple=self.config.length_multiple)
-        enc = self.runner.encode(embeds, mask, ctx, want_form=bool(form_groups) and self.backbone.is_encoder_decoder)
-        if enc.form is not None:  # T5: the encoder pass just produced IP's form states
-            for key, group in form_groups.items():
-                self.method(*key).modulate_from_form(group, ctx, enc.form[:, group.rows])
-            ctx.assemble()
+        enc = self.runner.encode(embeds, mask, ctx, form)
         if capture and ctx.features is not None:
             pooled = masked_mean(ctx.features, enc.mask)  # [b, d]
             for group in groups.values():
                 group.features = pooled[group.rows]
         return enc, ctx, groups
-
-    def _peers(self, key: ModuleKey) -> list[Task]:
-        """Training: the device copies of every task of this module (PHA's contrastive negatives)."""
-        with self._lock:
-            names = [n for n, t in self._tasks.items() if (t.method, t.module_version) == key]
-        return [self.loaded(n).task for n in names]
 
     def _read_out(self, plan: Plan, enc: Encoded, ctx: BatchContext) -> Output:
         device = self.backbone.device
@@ -416,7 +296,7 @@ class Engine:
             total = logp.sum(-1).float().cpu()  # [p]; one device-to-host copy per batch
             for row, (start, count) in spans.items():
                 s = total[start : start + count]
-                if plan.loaded[row].task.spec.scoring == "mean":
+                if plan.tasks[row].spec.scoring == "mean":
                     s = s / torch.tensor([len(t) for t in pair_target[start : start + count]])
                 scores[row] = s
         generated: dict[int, list[int]] = {}
@@ -432,27 +312,19 @@ class Engine:
         plan = self.schedule([Request(e.task, e.text) for e in examples])
         targets = []
         for e, task in zip(examples, plan.tasks):
-            ids = self.backbone.encode_target(e.target)
-            if not task.spec.is_classification and not self.backbone.is_encoder_decoder:
-                ids = ids + [self.backbone.eos_id]  # teach generative tasks to stop
+            if task.spec.is_classification:
+                ids = self.backbone.label_ids(e.target, task.spec.template)
+            else:
+                ids = self.backbone.encode_target(e.target)
+                if not self.backbone.is_encoder_decoder:
+                    ids = ids + [self.backbone.eos_id]  # teach generative tasks to stop
             targets.append(ids)
-        capture = any(self.method(*k).wants_features for k in plan.groups)
+        capture = any(g.method.wants_features for g in plan.groups.values())
         enc, ctx, groups = self._encode(plan, live=True, capture=capture)
         rows = torch.arange(len(examples), device=self.backbone.device)
         logp = self.runner.label_logprobs(enc, ctx, rows, targets)  # [b, n]
         count = sum(len(t) for t in targets)
         lm = -logp.sum() / count
-        extra = [x for k, g in groups.items() if (x := self.method(*k).extra_loss(g)) is not None]
+        extra = [x for k, g in groups.items() if (x := plan.groups[k].method.extra_loss(g)) is not None]
         aux = torch.stack(extra).sum() if extra else lm.new_zeros(())
         return {"loss": lm + aux, "lm": lm, "aux": aux}
-
-
-def _with_params(task: Task, device: torch.device | str) -> Task:
-    """`task` with its params on `device`. Params already there are shared, not copied, so a
-    trainer's parameters stay the leaves that receive gradients."""
-    device = torch.device(device)
-    params = nn.ParameterDict()
-    for key, p in task.params.items():
-        same = p.device.type == device.type and (device.index is None or p.device.index == device.index)
-        params[key] = p if same else nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
-    return dataclasses.replace(task, params=params)

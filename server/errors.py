@@ -64,3 +64,38 @@ class NotReady(TaskservError):
 
 class Unauthorized(TaskservError):
     type, status = "unauthorized", 401
+
+
+class CorruptArtifact(TaskservError):
+    """A stored artifact whose files are missing, unreadable or do not match their manifest."""
+
+    type, status = "corrupt_artifact", 500
+
+
+class DataError(TaskservError):
+    """A data file is missing or not in the expected format (or an archive failed verification)."""
+
+    type, status = "data_error", 422
+
+
+class AssetError(TaskservError):
+    """A model shipped in a wheel is missing or could not be prepared."""
+
+    type, status = "asset_error", 500
+
+
+class Cancelled(TaskservError):
+    """A training run stopped because its job was cancelled (or its worker is shutting down)."""
+
+    type, status = "cancelled", 409
+
+
+def error_types() -> dict[str, type[TaskservError]]:
+    """Every public error class by its `type` (what the client maps a response back to)."""
+    found: dict[str, type[TaskservError]] = {}
+    pending: list[type[TaskservError]] = [TaskservError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.type, cls)
+        pending += cls.__subclasses__()
+    return found

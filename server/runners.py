@@ -2,13 +2,15 @@
 *how* on its architecture: masks, positions, caches.
 
 Decoder-only (left padding, so every row's last real token sits at position t-1):
-- `encode`: ONE prompt pass with a KV cache; logits only for the last position.
+- `encode`: the form module reads the rows that asked for it (IP) first, so their hidden-state
+  scales are in the context; then ONE prompt pass with a KV cache, logits only for the last position.
 - `label_logprobs`: label token 1 is scored from the prompt's last logits (first-token scoring
   needs nothing more); longer labels go through one extra pass over the label tokens of every
   (row, label) pair on its row's cached prompt — the prompt is never recomputed per label.
 - `generate`: greedy decoding on the cache.
 T5 (right padding):
-- `encode`: the encoder once (its per-layer states are IP's form-module states, seed 000 §3.3);
+- `encode`: the encoder once; its per-layer states are IP's form-module states (seed 000 §3.3),
+  handed over before the decoder runs (IP acts on the decoder blocks only);
 - `label_logprobs`: ONE decoder pass over all (row, label) pairs re-using the encoder output (with
   first-token scoring, one decoder step per row: the labels share it);
 - `generate`: greedy decoding with the self- and cross-attention caches.
@@ -26,7 +28,7 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from server.backbone import Backbone, masked_mean
+from server.backbone import Backbone, FormModule, masked_mean
 from server.batch import BatchContext
 from server.hooks import ContextHooks
 
@@ -39,7 +41,16 @@ class Encoded:
     last_logits: Tensor | None = None  # [b, vocab] (decoder-only)
     cache: DynamicCache | None = None  # decoder-only prompt cache
     encoder_states: Tensor | None = None  # [b, t, d] (T5)
-    form: Tensor | None = None  # [n1, b, d] pooled encoder layer states (T5, when asked)
+
+
+@dataclass
+class FormRequest:
+    """Rows whose method reads the form module's per-layer pooled states (IP). The runner produces
+    them where its architecture has them and calls `deliver` before the modulated pass needs them."""
+
+    rows: Tensor  # [f] long, rows of the batch
+    texts: list[str]  # their rendered inputs (what a separate form module reads)
+    deliver: Callable[[Tensor], None]  # form states [n1, f, d1], rows in `rows` order
 
 
 def pad_ids(rows: list[list[int]], pad: int, device: torch.device, multiple: int = 1) -> tuple[Tensor, Tensor]:
@@ -81,14 +92,22 @@ def greedy(step: Callable[[Tensor | None], Tensor], max_new: list[int], eos_id: 
 class DecoderRunner:
     left_pad = True
 
-    def __init__(self, backbone: Backbone, hooks: ContextHooks, multiple: int) -> None:
-        self.backbone, self.hooks, self.multiple = backbone, hooks, multiple
+    def __init__(self, backbone: Backbone, hooks: ContextHooks, multiple: int, form: FormModule | None = None) -> None:
+        self.backbone, self.hooks, self.multiple, self.form = backbone, hooks, multiple, form
+
+    @property
+    def can_form(self) -> bool:
+        """Whether rows can ask for form states: a decoder-only model needs a separate form module."""
+        return self.form is not None
 
     def _forward(self, ctx: BatchContext, **kwargs):
         with self.hooks.use(ctx):
             return self.backbone.model(**kwargs)
 
-    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, want_form: bool = False) -> Encoded:
+    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None) -> Encoded:
+        if form is not None:
+            form.deliver(self.form.layer_states(form.texts).to(embeds.device))  # [n1, f, d1]
+            ctx.assemble()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, t]; left padding keeps real positions 0..len-1
         out = self._forward(ctx, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         return Encoded(mask=mask, last_logits=out.logits[:, -1], cache=out.past_key_values)
@@ -143,16 +162,20 @@ class DecoderRunner:
 
 class Seq2SeqRunner:
     left_pad = False
+    can_form = True  # the encoder is the form module
 
     def __init__(self, backbone: Backbone, hooks: ContextHooks, multiple: int) -> None:
         self.backbone, self.hooks, self.multiple = backbone, hooks, multiple
         self.start_id = int(backbone.model.config.decoder_start_token_id)
 
-    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, want_form: bool = False) -> Encoded:
+    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None) -> Encoded:
         with self.hooks.use(ctx):
-            out = self.backbone.model.encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=want_form)
-        form = masked_mean(torch.stack(out.hidden_states[1:]), mask) if want_form else None  # [n1, b, d]
-        return Encoded(mask=mask, encoder_states=out.last_hidden_state, form=form)
+            out = self.backbone.model.encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=form is not None)
+        if form is not None:
+            states = masked_mean(torch.stack(out.hidden_states[1:]), mask)  # [n1, b, d]
+            form.deliver(states[:, form.rows])
+            ctx.assemble()
+        return Encoded(mask=mask, encoder_states=out.last_hidden_state)
 
     def _decode(self, enc: Encoded, ctx: BatchContext, index: Tensor | None, dec_ids: Tensor, dec_mask: Tensor | None = None, cache: EncoderDecoderCache | None = None):
         """Decoder pass for rows `index` of the encoded batch (None: all rows, in order)."""

@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(default=64, ge=1)
     """Most rows the dynamic batcher puts in one forward."""
 
-    max_batch_tokens: int = Field(default=16384, ge=1)
-    """Most input characters (a token estimate) in one batch."""
+    max_batch_chars: int = Field(default=16384, ge=1)
+    """Most input characters (summed over rows) in one batch; a single longer row still runs alone."""
 
     max_wait_ms: float = Field(default=5.0, ge=0)
     """How long a batch waits for more rows after its first."""
@@ -115,6 +115,14 @@ class Settings(BaseSettings):
 
     worker_poll_s: float = Field(default=1.0, gt=0)
     """How often an idle worker looks for queued jobs."""
+
+    plugins: str = ""
+    """Comma-separated Python modules imported at start-up that register extra methods (besides the
+    `taskserve.methods` entry points of installed packages); every process of a deployment needs them."""
+
+    @property
+    def plugin_modules(self) -> list[str]:
+        return [name.strip() for name in self.plugins.split(",") if name.strip()]
 
     @field_validator("db_url", "api_key", "seed_store", mode="before")
     @classmethod

@@ -1,11 +1,14 @@
-"""A servable task: its spec, its method, and its per-task tensors (one version of it)."""
+"""A servable task (its spec, its method and its per-task tensors, one version of it) and the rows
+that address tasks by name: `Request` (serve) and `Example` (train / evaluate)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from server.data.spec import TaskSpec
@@ -41,3 +44,28 @@ class Task:
     @property
     def key(self) -> tuple[str, int]:
         return (self.name, self.version)
+
+    def on(self, device: torch.device | str) -> Task:
+        """This task with its params copied to `device` as fresh fp32 leaves (what a trainer
+        optimises; the engine serves a task's tensors as they are when they are on its device)."""
+        params = nn.ParameterDict({k: nn.Parameter(p.detach().to(device).float().clone(), requires_grad=False) for k, p in self.params.items()})
+        return dataclasses.replace(self, params=params)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One row to serve: a task's name and the input text."""
+
+    task: str
+    text: str
+    max_new_tokens: int | None = None
+    """Generative tasks: at most this many new tokens (None: the task's default)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A training or evaluation row: `target` is a label (classification) or a target text."""
+
+    task: str
+    text: str
+    target: str

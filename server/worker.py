@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from adapters_store.store import Store
-from server.api.schemas import TaskCreate
-from server.data.readers import LabeledText
-from server.data.splits import carve_validation
-from server.engine import Engine, Example
-from server.errors import TaskservError
+from server import creation
+from server.creation import TaskCreate
+from server.engine import Engine
+from server.errors import Cancelled, TaskservError
+from server.factory import build_engine
 from server.settings import Settings
-from server.training.recipes import few_shot
-from server.training.trainer import Cancelled, Progress, TrainConfig
+from server.store_sync import attach
+from server.training.trainer import Progress
 
 log = logging.getLogger("taskserve.worker")
 
@@ -45,7 +45,7 @@ class Worker:
         self._stop.set()
 
     def run_forever(self) -> None:
-        self.store.attach(self.engine)
+        attach(self.store, self.engine)
         log.info("worker %s polling %s", self.name, self.store.root)
         while not self._stop.is_set():
             if not self.run_once():
@@ -77,45 +77,16 @@ class Worker:
         return True
 
     def _train_and_publish(self, job: dict[str, Any]) -> dict[str, Any]:
-        engine, registry = self.engine, self.store.registry
-        self.store.attach(engine)  # current shared modules and peers (TPV's and PHA's inits use them)
-        body = TaskCreate.model_validate(job["request"])
-        spec = body.spec(engine.backbone.is_encoder_decoder)
-        method = engine.method(body.method)
-        init = method.resolve_init(body.init, engine.tasks)
-        rows = [LabeledText(text, target) for text, target in body.training_rows(spec)]
-        train_part, validation_part = carve_validation(rows, seed=body.train.seed)
-        train_rows = [Example(body.name, r.text, r.label) for r in train_part]
-        validation_rows = [Example(body.name, r.text, r.label) for r in validation_part]
-        defaults = TrainConfig()
-        config = TrainConfig(
-            steps=body.train.steps,
-            batch_size=body.train.batch_size,
-            lr=body.train.lr or defaults.lr,
-            prompt_lr=body.train.prompt_lr or defaults.prompt_lr,
-            eval_every=max(10, body.train.steps // 4),
-            checkpoint_every=max(10, body.train.steps // 10),
-            seed=body.train.seed,
-        )
-        started = time.monotonic()
+        attach(self.store, self.engine)  # current shared modules and peers (TPV's and PHA's inits use them)
+        accepted = creation.prepare(TaskCreate.model_validate(job["request"]), self.engine, self.settings)
         lease = _Lease(self, job["id"])
-        task, result, notes = few_shot(
-            engine, body.name, body.method, spec, train_rows, validation_rows, init, config,
-            on_progress=lease.progress, checkpoint=self._job_dir(job["id"]) / "checkpoint.pt", should_stop=lease.cancelled,
+        task, metrics = creation.train_job(
+            accepted, self.engine, on_progress=lease.progress, checkpoint=self._job_dir(job["id"]) / "checkpoint.pt", should_stop=lease.cancelled,
         )
         if lease.cancelled():
             raise Cancelled("training was cancelled")
-        task.version = registry.next_version(body.name)
-        metrics = {
-            "train_examples": len(train_rows),
-            "validation_examples": len(validation_rows),
-            "validation": result.validation.get(body.name),
-            "best_step": result.best_step,
-            "steps": result.steps,
-            "seconds": round(time.monotonic() - started, 1),
-            **({"notes": notes} if notes else {}),
-        }
-        self.store.publish(task, engine.backbone.fingerprint, metrics)
+        task.version = self.store.registry.next_version(task.name)
+        self.store.publish(task, self.engine.backbone.fingerprint, metrics)
         return metrics
 
     def _job_dir(self, job_id: str) -> Path:
@@ -146,11 +117,9 @@ class _Lease:
 
 def main(settings: Settings | None = None) -> int:
     """Run a worker until SIGTERM / SIGINT."""
-    from server.api.app import load_engine
-
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = load_engine(settings, task_memory=False)
+    engine = build_engine(settings, training=True)
     store = Store(settings.store, settings.db_url)
     worker = Worker(settings, engine, store)
     for sig in (signal.SIGTERM, signal.SIGINT):

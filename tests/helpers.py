@@ -73,11 +73,11 @@ def add_tasks(engine: Engine, per_method: int = 2, spec: TaskSpec = CLASSIFY) ->
     for method in METHODS:
         for i in range(per_method):
             name = f"{method}-{i}"
-            task = engine.new_task(name, method, spec, seed=100 + i)
+            task = engine.tasks.new(name, method, spec, seed=100 + i)
             with torch.no_grad():
                 for p in task.params.values():
                     p.add_(torch.randn_like(p) * 0.1)
-            engine.add_task(task)
+            engine.tasks.add(task)
             names.append(name)
     return names
 

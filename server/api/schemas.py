@@ -1,17 +1,15 @@
-"""Request and response bodies of the HTTP API (v1), grouped in schema families."""
+"""Request and response bodies of the HTTP API (v1), grouped in schema families. `TaskCreate`
+lives with the task-creation rules (`server.creation`), which the worker shares."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from server.data.spec import TaskSpec
-from server.errors import InvalidRequest
+from server.creation import ExampleIn, Strict, TaskCreate, TrainOptions
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["ExampleIn", "JobPublic", "PredictRequest", "PredictResult", "PredictResults", "PredictRow", "TaskCreate", "TaskCreated", "TaskList", "TaskPublic", "TrainOptions"]
 
 
 class PredictRow(Strict):
@@ -55,57 +53,6 @@ class PredictResult(BaseModel):
 
 class PredictResults(BaseModel):
     results: list[PredictResult]
-
-
-class Example(Strict):
-    text: str = Field(max_length=100_000)
-    label: str | None = None
-    target: str | None = None
-
-
-class TrainOptions(Strict):
-    """Few-shot training knobs (defaults fit a CPU: a 32-example job takes minutes)."""
-
-    steps: int = Field(default=60, ge=1, le=5000)
-    batch_size: int = Field(default=8, ge=1, le=64)
-    lr: float | None = Field(default=None, gt=0, le=1)
-    prompt_lr: float | None = Field(default=None, gt=0, le=10)
-    seed: int = Field(default=0, ge=0)
-
-
-class TaskCreate(Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-    method: Literal["prompt_tuning", "tpv", "attempt", "ip", "pha"]
-    description: str = Field(default="", max_length=2000)
-    labels: list[str] | None = Field(default=None, max_length=100)
-    template: str | None = Field(default=None, max_length=4000)
-    scoring: Literal["first", "sum", "mean"] = "first"
-    examples: list[Example] | None = Field(default=None, max_length=10_000)
-    init: dict[str, Any] = Field(default_factory=dict)
-    train: TrainOptions = Field(default_factory=TrainOptions)
-
-    def spec(self, seq2seq: bool) -> TaskSpec:
-        """The task spec; decoder-only verbalizers get the leading space their tokens carry."""
-        labels = tuple(self.labels or ())
-        template = self.template or ("{text}" if seq2seq else "Input: {text}\nAnswer:")
-        if labels and not seq2seq:
-            labels = tuple(label if label.startswith(" ") else f" {label}" for label in labels)
-        return TaskSpec(template=template, labels=labels, description=self.description, scoring=self.scoring)
-
-    def training_rows(self, spec: TaskSpec) -> list[tuple[str, str]]:
-        """(text, target verbalizer or target text) per example; InvalidRequest names the bad one."""
-        given = [label.strip() for label in spec.labels]
-        rows = []
-        for i, example in enumerate(self.examples or []):
-            if spec.is_classification:
-                if example.label is None or example.label.strip() not in given:
-                    raise InvalidRequest(f"examples[{i}].label: must be one of {given}, got {example.label!r}")
-                rows.append((example.text, spec.labels[given.index(example.label.strip())]))
-            else:
-                if not example.target:
-                    raise InvalidRequest(f"examples[{i}].target: a task without labels needs target texts")
-                rows.append((example.text, example.target))
-        return rows
 
 
 class TaskPublic(BaseModel):

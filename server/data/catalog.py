@@ -14,11 +14,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.data.readers import DataError, LabeledText, read_bigbench, read_vader
+from server.data.readers import LabeledText, read_bigbench, read_vader
+from server.errors import DataError
 from server.data.spec import Scoring, TaskSpec
 from server.errors import NotFound
+from server.task import TASK_NAME
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _SOURCE_RE = re.compile(r"^(bigbench:[a-z0-9_]+(/[a-z0-9_]+)*|vader:[A-Za-z0-9]+_GroundTruth\.txt)$")
 
 ATTRIBUTION = {
@@ -40,7 +41,7 @@ class CatalogTask:
     template: str
     """Input template with `{text}`, ending in an answer cue."""
     verbalizers: dict[str, str] = field(hash=False)
-    """Raw data-set label -> verbalizer word (no leading space; `spec()` adds it)."""
+    """Raw data-set label -> verbalizer word (the task's label)."""
     scoring: Scoring = "mean"
     """`first` only where the words differ in their first token (binary word labels)."""
     metric: str = "accuracy"
@@ -50,8 +51,8 @@ class CatalogTask:
     """Boilerplate instructions some BIG-bench inputs start with; removed, the description says it."""
 
     def __post_init__(self) -> None:
-        if not NAME_RE.match(self.name):
-            raise ValueError(f"name: {self.name!r} does not match {NAME_RE.pattern}")
+        if not TASK_NAME.match(self.name):
+            raise ValueError(f"name: {self.name!r} does not match {TASK_NAME.pattern}")
         if not _SOURCE_RE.match(self.source):
             raise ValueError(f"{self.name}: source {self.source!r} is not bigbench:<task> or vader:<file>")
         if "{text}" not in self.template:
@@ -181,13 +182,12 @@ def get(name: str) -> CatalogTask:
         raise NotFound(f"task {name!r} is not in the data catalog ({', '.join(CATALOG)})") from None
 
 
-def spec(task: CatalogTask, seq2seq: bool) -> TaskSpec:
-    """The serving spec of a catalog task. Decoder-only verbalizers get a leading space (the label
-    continues the prompt as a new word); seq2seq decoders start the label from scratch."""
-    labels = tuple(word if seq2seq else f" {word}" for word in task.labels)
+def spec(task: CatalogTask) -> TaskSpec:
+    """The serving spec of a catalog task (its labels are the verbalizer words; how a word is
+    scored on each backbone kind is `Backbone.label_ids`)."""
     extra = {"source": task.source, "attribution": ATTRIBUTION[task.kind]}
     return TaskSpec(
-        template=task.template, labels=labels, description=task.description,
+        template=task.template, labels=task.labels, description=task.description,
         scoring=task.scoring, metric=task.metric, extra=extra,
     )
 

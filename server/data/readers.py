@@ -12,15 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import TaskservError
+from server.errors import DataError
 
 FETCH_HINT = "run `taskserve data fetch`"
-
-
-class DataError(TaskservError):
-    """A data file is missing or not in the expected format (or an archive failed verification)."""
-
-    type, status = "data_error", 422
 
 
 @dataclass(frozen=True)

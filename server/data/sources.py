@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import tarfile
-import tempfile
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urljoin, urlsplit
 
 from server.data.catalog import CATALOG, bigbench_tasks
-from server.data.readers import DataError
+from server.atomic import replacing_file, sha256_file, write_bytes
+from server.errors import DataError
 
 Progress = Callable[[str], None]
 
@@ -135,20 +135,11 @@ def resolve_url(archive: Archive, index_url: str | None, progress: Progress) -> 
     return found[0]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(url: str, dest: Path, sha256: str, progress: Progress) -> None:
-    """Download `url` to `dest` through `dest.part`, renamed only once its SHA-256 is `sha256`."""
-    part = dest.with_name(dest.name + ".part")
+    """Download `url` to `dest` atomically; `dest` appears only once its SHA-256 is `sha256`."""
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, part.open("wb") as file:
+        with replacing_file(dest) as part, urllib.request.urlopen(url, timeout=60) as response, part.open("wb") as file:
             size = int(response.headers.get("Content-Length") or 0)
             done, reported = 0, 0
             while chunk := response.read(_CHUNK):
@@ -158,19 +149,17 @@ def download(url: str, dest: Path, sha256: str, progress: Progress) -> None:
                 if size and done - reported >= size // 10:
                     progress(f"{dest.name}: {done >> 20} / {size >> 20} MiB")
                     reported = done
+            file.flush()
+            if digest.hexdigest() != sha256:  # raised inside: the partial file is removed, dest untouched
+                raise DataError(f"{dest.name}: sha256 {digest.hexdigest()} from {url} is not the pinned {sha256}")
     except (OSError, ValueError, http.client.HTTPException) as exc:
-        part.unlink(missing_ok=True)
         raise DataError(f"{dest.name}: download from {url} failed ({exc})") from None
-    if digest.hexdigest() != sha256:
-        part.unlink(missing_ok=True)
-        raise DataError(f"{dest.name}: sha256 {digest.hexdigest()} from {url} is not the pinned {sha256}")
-    os.replace(part, dest)
 
 
 def ensure_archive(archive: Archive, data_dir: Path, index_url: str | None, progress: Progress) -> Path:
     """The verified archive in `data_dir`, downloaded only when absent or not the pinned file."""
     dest = data_dir / archive.filename
-    if dest.is_file() and sha256_of(dest) == archive.sha256:
+    if dest.is_file() and sha256_file(dest) == archive.sha256:
         progress(f"{archive.filename}: already downloaded")
         return dest
     url = resolve_url(archive, index_url, progress)
@@ -197,20 +186,11 @@ def _regular(member: tarfile.TarInfo, archive: str) -> None:
 
 
 def _write_atomic(root: Path, relative: str, data: bytes) -> Path:
-    """Write `data` to `root/relative` through a temporary file in the same folder."""
+    """Write `data` to `root/relative` atomically; refuse a path that leaves `root`."""
     dest = root / relative
     if not dest.resolve().is_relative_to(root.resolve()):
         raise DataError(f"{relative!r}: would be written outside {root}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    return write_bytes(dest, data)
 
 
 def extract_bigbench(archive: Path, tasks: Iterable[str], out: Path, progress: Progress) -> list[Path]:

@@ -15,6 +15,12 @@ from server.errors import InvalidRequest
 Scoring = Literal["first", "sum", "mean"]
 
 
+def clean_label(text: str) -> str:
+    """A label as taskserve keeps it: without surrounding whitespace (how a label is *scored*, e.g.
+    with a leading space after a decoder-only prompt, is `Backbone.label_ids`'s business)."""
+    return text.strip()
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """How inputs of one task are rendered and how its outputs are read."""
@@ -22,8 +28,9 @@ class TaskSpec:
     template: str = "{text}"
     """Input template; `{text}` is the request text, `{description}` (optional) the description."""
     labels: tuple[str, ...] = ()
-    """Label verbalizers for rank classification (decoder-only: usually with a leading space,
-    e.g. " positive"). Empty tuple = a generative task."""
+    """Labels for rank classification, as the user writes them ("positive"; surrounding whitespace
+    is dropped). `Backbone.label_ids` turns one into the tokens it is scored by. Empty tuple = a
+    generative task."""
     description: str = ""
     """Human-language task description (seed 000, §3.2 / Table 6); IP prepends it to the input."""
     scoring: Scoring = "first"
@@ -37,12 +44,13 @@ class TaskSpec:
     """Free-form metadata kept with the spec (source data set, attribution)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(clean_label(label) for label in self.labels))
         if "{text}" not in self.template:
             raise InvalidRequest("template: must contain the {text} placeholder")
         if len(set(self.labels)) != len(self.labels):
-            raise InvalidRequest("labels: verbalizers must be distinct")
+            raise InvalidRequest("labels: labels must be distinct")
         if any(not label for label in self.labels):
-            raise InvalidRequest("labels: verbalizers must be non-empty")
+            raise InvalidRequest("labels: labels must be non-empty")
         if self.scoring not in ("first", "sum", "mean"):
             raise InvalidRequest(f"scoring: must be first, sum or mean, not {self.scoring!r}")
         if self.max_new_tokens < 1:

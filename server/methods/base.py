@@ -1,15 +1,17 @@
-"""The contract every method implements, and the registry that finds them by id.
+"""The serving contract every method implements.
 
 A method is an `nn.Module` holding its SHARED state (ATTEMPT's source prompts and attention module,
 IP's nets, PHA's retriever and hypernetwork, TPV's θ_init); per-task state lives in `Task.params`.
-The engine groups a batch's rows by method and calls, per group:
+The engine groups a batch's rows by (method, shared-module version) and calls, per group:
 1. `static(task)` once per task version (cached by the engine): input-independent tensors such as
    a soft prompt or PHA's generated adapters;
-2. `modulate(group, ctx)`: write the group's prefixes / adapters into the BatchContext;
+2. `modulate(group, ctx)`: write the group's prefixes / hidden scales / adapters into the BatchContext;
 3. `modulate_from_form(group, ctx, form)` for methods with `uses_form` (IP): per-layer pooled
    states of the form module for the group's rows;
-4. `extra_loss(group, ctx)` when training (PHA's retriever and prototype losses).
-Nothing outside `server/methods/` branches on a method's id.
+4. `extra_loss(group)` when training (PHA's retriever and prototype losses).
+How a method trains lives next to it (`recipe.py` in its package, contract in `methods/recipe.py`);
+`methods/registry.py` registers both under the method's id. Code outside `server/methods/` never
+names a method: it asks the registry, or the method itself, through this contract.
 """
 
 from __future__ import annotations
@@ -43,25 +45,32 @@ class BackboneDims:
     form_dim: int
     """Hidden size of the form module (d_1)."""
 
+    @property
+    def n_ffns(self) -> int:
+        """Every FFN site, encoder ones first (the site index of `BatchContext.add_adapters`)."""
+        return self.n_encoder_ffns + self.n_decoder_ffns
+
 
 @dataclass
 class RowGroup:
-    """The rows of one method within a batch."""
+    """The rows of one method (at one shared-module version) within a batch."""
 
     rows: Tensor  # [g] long, indices into the batch
-    tasks: list[Task]  # the distinct tasks of these rows
+    tasks: list[Task]  # the distinct tasks of these rows (device copies)
     task_slot: Tensor  # [g] long, index into `tasks`
     statics: list[dict[str, Tensor]]  # per distinct task: `Method.static(task)`
     embeds: Tensor  # [g, n, d] token embeddings of the rendered inputs, real tokens first
     mask: Tensor  # [g, n] long
-    peers: list[Task]  # training only: every task of this method the engine knows (contrastive negatives)
-    features: Tensor | None = None  # [g, d] pooled feature-site states (training, PHA)
+    peers: list[Task]  # training only: every task of this module the engine knows (contrastive negatives)
+    features: Tensor | None = None  # [g, d] pooled feature-site states (training, when `wants_features`)
 
 
 class Method(nn.Module):
     """Base class: shared state + how this method's rows modulate a batch."""
 
     method_id: ClassVar[str]
+    config_class: ClassVar[type]
+    """The typed config (a frozen dataclass validating in `__post_init__`) the constructor takes."""
     uses_form: ClassVar[bool] = False
     """True when the method needs per-layer form-module states (IP)."""
     wants_features: ClassVar[bool] = False
@@ -72,6 +81,7 @@ class Method(nn.Module):
         vocabulary-sampled initialisation of shared prompts, the backbone's embedding table."""
         super().__init__()
         self.dims = dims
+        self.config = config if config is not None else self.config_class()
 
     def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
         """Fresh per-task parameters and meta for a new task. `embedding` [vocab, d] is the
@@ -111,42 +121,3 @@ class Method(nn.Module):
         """Trainable parameter counts from the documented formulas (docs/methods.md):
         `shared` for the method's shared modules, `per_task` for one task."""
         raise NotImplementedError
-
-
-def sample_vocab_rows(embedding: Tensor, n: int, generator: torch.Generator, first: int = 5000) -> Tensor:
-    """n rows of the embedding table drawn from the first `first` vocabulary ids ([n, d], fp32):
-    the soft-prompt init of Lester et al. and of ATTEMPT's reference code."""
-    high = min(first, embedding.shape[0])
-    ids = torch.randint(0, high, (n,), generator=generator)
-    return embedding.detach()[ids.to(embedding.device)].float().cpu().clone()
-
-
-def stack_prompts(prompts: list[Tensor], task_slot: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-task prompts (each [m_k, d]) -> per-row prompts [g, max m, d] and lengths [g]."""
-    width = max(p.shape[0] for p in prompts)
-    table = torch.stack([nn.functional.pad(p, (0, 0, 0, width - p.shape[0])) for p in prompts])  # [s, w, d]
-    lengths = torch.tensor([p.shape[0] for p in prompts], device=task_slot.device)
-    return table[task_slot], lengths[task_slot]
-
-
-def add_static_prompts(group: RowGroup, ctx: BatchContext) -> None:
-    """Prefix every row with its task's cached prompt (`static["prompt"]`): prompt tuning and TPV."""
-    prompts, lengths = stack_prompts([s["prompt"] for s in group.statics], group.task_slot)
-    ctx.add_prefix(group.rows, prompts, lengths)  # [g, m, d]
-
-
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    if cls.method_id in REGISTRY:
-        raise ValueError(f"method id {cls.method_id!r} registered twice")
-    REGISTRY[cls.method_id] = cls
-    return cls
-
-
-def method_class(method_id: str) -> type[Method]:
-    try:
-        return REGISTRY[method_id]
-    except KeyError:
-        raise InvalidRequest(f"method: unknown method {method_id!r}; known: {sorted(REGISTRY)}") from None

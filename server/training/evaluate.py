@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from server.engine import Engine, Example, Request
+from server.data.spec import clean_label
+from server.engine import Engine
+from server.task import Example, Request
 
 
 def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
@@ -34,9 +36,10 @@ def evaluate(engine: Engine, examples: Sequence[Example], batch_size: int = 32) 
     results = []
     for start in range(0, len(examples), batch_size):
         results += engine.run([Request(e.task, e.text) for e in examples[start : start + batch_size]])
-    metrics = classification_metrics([e.target for e in examples], [r.label or r.output for r in results], task.spec.labels)
+    gold = [clean_label(e.target) if task.spec.is_classification else e.target for e in examples]
+    metrics = classification_metrics(gold, [r.label or r.output for r in results], task.spec.labels)
     if task.spec.is_classification:
-        metrics["nll"] = -sum(math.log(max(r.scores[e.target], 1e-12)) for r, e in zip(results, examples)) / len(examples)
+        metrics["nll"] = -sum(math.log(max(r.scores[g], 1e-12)) for r, g in zip(results, gold)) / len(examples)
     return metrics
 
 

@@ -16,17 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adapters_store.store import Store
 from server.data import catalog
-from server.data.spec import TaskSpec
 from server.data.readers import LabeledText
+from server.data.spec import TaskSpec
 from server.data.splits import carve_validation, few_shot as sample_few_shot, split
-from server.engine import Engine, Example
+from server.engine import Engine
+from server.methods import PLAIN, recipe_for
+from server.methods.recipe import served_name
+from server.task import Example
 from server.training.evaluate import evaluate
-from server.training.recipes import AttemptRecipe, few_shot, frozen_copy, recipe, served_name
+from server.training.few_shot import few_shot, frozen_copy
 from server.training.trainer import Progress, TrainConfig, train
+from server.training.workbench import Workbench
 
 ProgressFn = Callable[[str, Progress], None]
 
@@ -39,15 +41,14 @@ class TaskData:
     test: list[Example]
 
 
-def load_task_data(name: str, data_dir: Path, seq2seq: bool, *, seed: int = 0, max_test: int = 300, as_name: str | None = None) -> TaskData:
-    """A catalog task's spec and its seeded train/validation/test rows (targets are verbalizers)."""
+def load_task_data(name: str, data_dir: Path, *, seed: int = 0, max_test: int = 300, as_name: str | None = None) -> TaskData:
+    """A catalog task's spec and its seeded train/validation/test rows (targets are labels)."""
     data = catalog.load(name, data_dir)
-    spec = catalog.spec(data.task, seq2seq)
+    spec = catalog.spec(data.task)
     parts = split(data.examples, seed=seed, max_test=max_test)
-    word_to_label = {label.strip(): label for label in spec.labels}
 
     def rows(part) -> list[Example]:
-        return [Example(as_name or name, e.text, word_to_label[e.label]) for e in part]
+        return [Example(as_name or name, e.text, e.label) for e in part]
 
     return TaskData(spec, rows(parts.train), rows(parts.validation), rows(parts.test))
 
@@ -66,28 +67,28 @@ def multitask(
 ) -> dict[str, Any]:
     """Train `method` on the tasks jointly; publish the shared module (a new version, when it
     trained) and the tasks with their test metrics. Returns the per-task report."""
-    plan = recipe(method).multitask(engine, {n: data[n].spec for n in names}, config.seed)
-    version = engine.module_versions[method]
+    plan = recipe_for(method).multitask(Workbench(engine), {n: data[n].spec for n in names}, config.seed)
+    version = engine.tasks.versions[method]
     if plan.trains_shared:  # tasks are served with the version about to be published
         version = store.registry.current_modules().get(method, 0) + 1
-        engine.set_module(method, version, plan.module)
+        engine.tasks.set_module(method, version, plan.module)
         for task in plan.tasks:
             task.module_version = version
     started = time.monotonic()
     history: dict[str, Any] = {}
     for stage in plan.stages:
         for task in stage.tasks:
-            engine.add_task(task)
-        stage_names = [t.name for t in stage.tasks]
-        rows = {t.name: [dataclasses.replace(e, task=t.name) for e in data[_base(t.name)].train] for t in stage.tasks}
-        validation = {t.name: [dataclasses.replace(e, task=t.name) for e in data[_base(t.name)].validation] for t in stage.tasks}
+            engine.tasks.add(task)
+        rows = {t.name: [dataclasses.replace(e, task=t.name) for e in data[stage.data_of(t.name)].train] for t in stage.tasks}
+        validation = {t.name: [dataclasses.replace(e, task=t.name) for e in data[stage.data_of(t.name)].validation] for t in stage.tasks}
         progress = (lambda p, s=stage.name: on_progress(s, p)) if on_progress else None
         result = train(engine, stage.tasks, rows, validation, stage.trainables, config, progress)
         history[stage.name] = {"best_step": result.best_step, "best_val_accuracy": result.best_score, "history": result.history}
-        if stage.name == "sources":  # ATTEMPT: the trained prompts become the frozen source prompts
-            AttemptRecipe.install_sources(plan.module, stage.tasks)
-            for name in stage_names:
-                engine.remove_task(name)
+        if stage.finish is not None:
+            stage.finish()
+        if stage.scratch:
+            for task in stage.tasks:
+                engine.tasks.remove(task.name)
     seconds = time.monotonic() - started
     report: dict[str, Any] = {"method": method, "tasks": {}, "train_seconds": round(seconds, 1), "stages": history, "config": dataclasses.asdict(config)}
     for task in plan.tasks:
@@ -95,7 +96,7 @@ def multitask(
         report["tasks"][task.name] = {"test": test}
     if publish:
         if plan.trains_shared:
-            published = store.publish_module(engine, method, plan.module, {"tasks": list(names), "train_seconds": round(seconds, 1)})
+            published = store.publish_module(plan.module, engine.backbone.fingerprint, engine.form_fingerprint, {"tasks": list(names), "train_seconds": round(seconds, 1)})
             assert published == version, "another process published this method's module meanwhile"
         for task in plan.tasks:
             frozen = frozen_copy(task, served_name(task.name, method))
@@ -105,22 +106,14 @@ def multitask(
     return report
 
 
-def _base(name: str) -> str:
-    return name.removesuffix(".source")
-
-
 def zero_shot(engine: Engine, data: dict[str, TaskData], eval_rows: int = 300) -> dict[str, dict[str, float]]:
     """The frozen backbone alone: rank classification with the task's description before its
-    template (the seeds' zero-shot baseline), through the engine (an empty soft prompt)."""
+    template (the seeds' zero-shot baseline), through the engine (a plain task)."""
     out = {}
     for name, task_data in data.items():
         spec = dataclasses.replace(task_data.spec, template=f"{task_data.spec.description}\n{task_data.spec.template}")
-        probe = f"zero-shot.{name}"[:64]
-        engine.add_task(engine.new_task(probe, "prompt_tuning", spec, init={"prompt": torch.zeros(0, engine.backbone.d_model)}))
-        try:
-            out[name] = evaluate(engine, [dataclasses.replace(e, task=probe) for e in task_data.test[:eval_rows]])
-        finally:
-            engine.remove_task(probe)
+        with engine.tasks.temporary(engine.tasks.new(f"zero-shot.{name}"[:64], PLAIN, spec)) as probe:
+            out[name] = evaluate(engine, [dataclasses.replace(e, task=probe.name) for e in task_data.test[:eval_rows]])
     return out
 
 
@@ -128,7 +121,7 @@ def evaluate_served(engine: Engine, data: dict[str, TaskData], eval_rows: int = 
     """Test metrics of the served copies of the catalog tasks: task -> method -> metrics."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, d in data.items():
-        for method in engine.methods:
+        for method in engine.tasks.versions:
             served = served_name(name, method)
             if served in engine.tasks:
                 out.setdefault(name, {})[method] = evaluate(engine, [dataclasses.replace(e, task=served) for e in d.test[:eval_rows]])
@@ -160,11 +153,8 @@ def few_shot_transfer(
                     held = [Example(name, e.text, e.label) for e in validation_part]
                     started = time.monotonic()
                     task, result, notes = few_shot(engine, f"fs-{method}-{k}-{seed}-{name}"[:60], method, task_data.spec, rows, held, {}, dataclasses.replace(config, seed=seed))
-                    engine.add_task(task)
-                    try:
+                    with engine.tasks.temporary(task):
                         test = evaluate(engine, [dataclasses.replace(e, task=task.name) for e in task_data.test[:eval_rows]])
-                    finally:
-                        engine.remove_task(task.name)
                     record = {"task": name, "method": method, "k": k, "seed": seed, "test": test, "seconds": round(time.monotonic() - started, 1), "notes": notes}
                     results.append(record)
                     if on_result:

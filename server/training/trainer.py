@@ -13,26 +13,31 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import nn
 
-from server.engine import Engine, Example
-from server.errors import InvalidRequest, TaskservError
-from server.task import Task
+from server import atomic
+from server.configs import require
+from server.engine import Engine
+from server.errors import Cancelled, InvalidRequest
+from server.methods.recipe import Trainable
+from server.task import Example, Task
 from server.training.evaluate import evaluate, misfit
+
+__all__ = ["Cancelled", "Progress", "TrainConfig", "TrainResult", "Trainable", "train"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
+    """Optimiser steps (each one mini-batch)."""
     batch_size: int = 8
+    """Rows per mini-batch; tasks are drawn uniformly per row, then a row of that task."""
     lr: float = 1e-3
     """Networks (IP nets, PHA hypernetwork, ATTEMPT attention). Seeds 000 and 003 use 3e-4 over
     tens of thousands of steps; our CPU budgets are hundreds of steps, so the default is higher."""
@@ -41,22 +46,28 @@ class TrainConfig:
     prototype_lr: float = 1e-2
     """A new PHA task's prototype when it trains alone against the frozen hypernetwork (few-shot)."""
     warmup_ratio: float = 0.06
+    """Share of the steps over which the learning rate rises linearly from 0; it then decays linearly to 0."""
     weight_decay: float = 1e-5
+    """AdamW's decoupled weight decay."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this global L2 norm."""
     eval_every: int = 50
+    """Validate (and consider the step for best-step selection) every this many steps, and at the end."""
     eval_rows: int = 200
     """Validation rows per task per evaluation (the first ones: the same rows every time)."""
     checkpoint_every: int = 50
+    """Write the resumable checkpoint every this many steps, and at the end."""
     seed: int = 0
+    """Seed of the mini-batch draws (with the step number), so a resumed run draws what the uninterrupted one would."""
 
-
-@dataclass(frozen=True)
-class Trainable:
-    """A named parameter to train; `kind` picks its learning rate from the config."""
-
-    name: str
-    param: nn.Parameter
-    kind: Literal["prompt", "net", "prototype"] = "net"
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_rows", "checkpoint_every"):
+            require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("lr", "prompt_lr", "prototype_lr", "max_grad_norm"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.seed >= 0, "seed", "must be >= 0")
 
 
 @dataclass
@@ -75,10 +86,6 @@ class TrainResult:
     """Mean validation accuracy at the selected step (None without validation rows)."""
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class Cancelled(TaskservError):
-    type, status = "cancelled", 409
 
 
 def train(
@@ -163,9 +170,9 @@ def _mixed_batch(rows: Mapping[str, Sequence[Example]], names: list[str], size: 
 
 
 def _refresh(engine: Engine, tasks: Sequence[Task]) -> None:
-    """Re-add the tasks so the engine's cached per-task tensors reflect the trained values."""
+    """The engine's cached per-task tensors (statics) follow the trained values."""
     for task in tasks:
-        engine.add_task(task)
+        engine.tasks.refresh(task.name)
 
 
 def _save(path: Path, step: int, trainables: Sequence[Trainable], optimizer, schedule, state: _State) -> None:
@@ -176,10 +183,8 @@ def _save(path: Path, step: int, trainables: Sequence[Trainable], optimizer, sch
         "schedule": schedule.state_dict(),
         "state": {**asdict(state), "best_values": [v.cpu() for v in state.best_values] if state.best_values else None},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint
+    with atomic.replacing_file(path) as tmp:  # a crash mid-write leaves the previous checkpoint
+        torch.save(payload, tmp)
 
 
 def _resume(path: Path, trainables: Sequence[Trainable], optimizer, schedule, state: _State) -> int:

@@ -58,14 +58,14 @@ def test_crash_between_write_and_rename_leaves_no_version(tmp_path: Path) -> Non
 def test_task_round_trip_serves_identically(tmp_path: Path) -> None:
     engine = make_engine("llama")
     for method in ("prompt_tuning", "tpv", "attempt", "ip", "pha"):
-        task = engine.new_task(f"{method}-a", method, CLASSIFY, seed=3, init={"copy_nets": True} if method == "ip" else None)
-        engine.add_task(task)
+        task = engine.tasks.new(f"{method}-a", method, CLASSIFY, seed=3, init={"copy_nets": True} if method == "ip" else None)
+        engine.tasks.add(task)
         want = engine.run([Request(task.name, "so good")])[0]
         codec.publish_task(tmp_path, task, engine.backbone.fingerprint, {"accuracy": 0.5})
         restored = codec.load_task(artifacts.task_dir(tmp_path, task.name, 1), engine.backbone.fingerprint)
         assert restored.spec == task.spec and restored.meta == task.meta
-        engine.remove_task(task.name)
-        engine.add_task(restored)
+        engine.tasks.remove(task.name)
+        engine.tasks.add(restored)
         assert engine.run([Request(task.name, "so good")])[0].scores == want.scores
         with pytest.raises(Incompatible):
             codec.load_task(artifacts.task_dir(tmp_path, task.name, 1), "another-backbone")

@@ -38,3 +38,17 @@ def test_unsupported_layout_is_refused() -> None:
     bert = BertForMaskedLM(BertConfig(vocab_size=384, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     with pytest.raises(Incompatible):
         Backbone.from_model(bert, ByT5Tokenizer())
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_labels_are_scored_with_a_leading_space_only_on_decoder_only(kind: str) -> None:
+    """A decoder-only label continues the template's cue as a new word (" positive") unless the
+    template ends in whitespace; T5's decoder starts the label from scratch (ending in </s>)."""
+    b = tiny_t5() if kind == "t5" else tiny_llama()
+    words = b.tokenizer("positive", add_special_tokens=False)["input_ids"]
+    spaced = b.tokenizer(" positive", add_special_tokens=False)["input_ids"]
+    if kind == "t5":
+        assert b.label_ids("positive", "Sentiment:") == b.label_ids(" positive ", "x ") == words + [b.eos_id]
+    else:
+        assert b.label_ids("positive", "Sentiment:") == b.label_ids(" positive", "Sentiment:") == spaced
+        assert b.label_ids("positive", "Sentiment: ") == words

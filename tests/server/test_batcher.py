@@ -27,10 +27,11 @@ def test_concurrent_requests_form_mixed_batches_equal_to_solo(served) -> None:
     requests = [Request(names[i % len(names)], TEXTS[i % len(TEXTS)]) for i in range(60)]
 
     async def main():
-        batcher = Batcher(engine.run, BatcherConfig(max_rows=16, max_wait_ms=20))
+        sizes: list[int] = []
+        batcher = Batcher(engine.run, BatcherConfig(max_rows=16, max_wait_ms=20), observe=lambda stats: sizes.append(stats.rows))
         results = await asyncio.gather(*(batcher.submit(r) for r in requests))
         await batcher.close()
-        return results, batcher.batch_sizes
+        return results, sizes
 
     results, sizes = asyncio.run(main())
     assert sum(sizes) == 60 and max(sizes) > 1 and max(sizes) <= 16

@@ -22,11 +22,11 @@ GENERATE = TaskSpec(template="Q: {text}\nA:", description="Answer the question:"
 def served(engine: Engine) -> tuple[Engine, list[str]]:
     names = add_tasks(engine)
     for method in METHODS:  # one generative task per method too
-        task = engine.new_task(f"{method}-gen", method, GENERATE, seed=7)
+        task = engine.tasks.new(f"{method}-gen", method, GENERATE, seed=7)
         with torch.no_grad():
             for p in task.params.values():
                 p.add_(torch.randn_like(p) * 0.1)
-        engine.add_task(task)
+        engine.tasks.add(task)
         names.append(task.name)
     return engine, names
 
@@ -85,7 +85,8 @@ def plain_scores(engine: Engine, spec: TaskSpec, text: str, *, with_description:
     totals = []
     with torch.no_grad():
         for label in spec.labels:
-            target = b.encode_target(label)
+            new_word = not b.is_encoder_decoder and not spec.template[-1:].isspace()  # a decoder-only label is a new word after the cue
+            target = b.encode_target(f" {label}" if new_word else label)
             if b.is_encoder_decoder:
                 dec_in = torch.tensor([[b.model.config.decoder_start_token_id] + target[:-1]])
                 logits = b.model(input_ids=torch.tensor([prompt]), decoder_input_ids=dec_in).logits[0]
@@ -109,7 +110,7 @@ def test_untrained_ip_and_pha_are_the_plain_backbone(kind: str) -> None:
         for t in (pha.head_up.weight, pha.head_up.bias, pha.head_up_bias.weight, pha.head_up_bias.bias, pha.enc_up, pha.enc_up_bias):
             t.zero_()
     for method in ("ip", "pha"):
-        engine.add_task(engine.new_task(method, method, CLASSIFY))
+        engine.tasks.add(engine.tasks.new(method, method, CLASSIFY))
         got = engine.run([Request(method, TEXTS[2])])[0].scores
         want = plain_scores(engine, CLASSIFY, TEXTS[2], with_description=method == "ip")
         assert torch.allclose(torch.tensor([got[label] for label in CLASSIFY.labels]), want, atol=1e-5)
@@ -146,8 +147,8 @@ def test_isolation_adding_and_deleting_tasks_never_changes_others(method: str, k
     victim = f"{method}-0"
     before = {n: engine.run([Request(n, TEXTS[1])])[0] for n in engine.tasks if n != victim}
     for i in range(2):
-        engine.add_task(engine.new_task(f"new-{method}-{i}", method, CLASSIFY, seed=50 + i))
-    engine.remove_task(victim)
+        engine.tasks.add(engine.tasks.new(f"new-{method}-{i}", method, CLASSIFY, seed=50 + i))
+    engine.tasks.remove(victim)
     for name, old in before.items():
         new = engine.run([Request(name, TEXTS[1])])[0]
         assert new.scores == old.scores  # bit-identical
@@ -157,8 +158,8 @@ def test_isolation_adding_and_deleting_tasks_never_changes_others(method: str, k
 @pytest.mark.parametrize("scoring", ["first", "sum", "mean"])
 def test_scoring_rules_match_reference(kind: str, scoring: str) -> None:
     engine = make_engine(kind)
-    spec = TaskSpec(template="Review: {text}\nSentiment:", labels=("bad", " positive", "neutral stance"), scoring=scoring)
-    engine.add_task(engine.new_task("pt", "prompt_tuning", spec, init={"prompt": torch.zeros(0, engine.backbone.d_model)}))
+    spec = TaskSpec(template="Review: {text}\nSentiment: ", labels=("bad", " positive", "neutral stance"), scoring=scoring)  # ends in a space: labels are scored as written
+    engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", spec, init={"prompt": torch.zeros(0, engine.backbone.d_model)}))
     texts = ["so so", "a long and winding review of a film"]
     batch = engine.run([Request("pt", t) for t in texts])
     for text, got in zip(texts, batch):
@@ -170,35 +171,35 @@ def test_first_token_scoring_refuses_labels_it_cannot_tell_apart() -> None:
     engine = make_engine("llama")
     spec = TaskSpec(template="{text}", labels=(" negative", " positive"), scoring="first")  # byte tokens: both start with " "
     with pytest.raises(InvalidRequest, match="first token"):
-        engine.add_task(engine.new_task("tie", "prompt_tuning", spec))
+        engine.tasks.add(engine.tasks.new("tie", "prompt_tuning", spec))
 
 
 def test_errors_are_typed() -> None:
     engine = make_engine("t5")
-    engine.add_task(engine.new_task("pt", "prompt_tuning", CLASSIFY))
+    engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", CLASSIFY))
     with pytest.raises(NotFound):
         engine.run([Request("nope", "x")])
     with pytest.raises(InputTooLong):
         engine.run([Request("pt", "x" * 5000)])
     with pytest.raises(InvalidRequest):
-        engine.new_task("Bad/Name", "prompt_tuning", CLASSIFY)
+        engine.tasks.new("Bad/Name", "prompt_tuning", CLASSIFY)
     with pytest.raises(InvalidRequest):
-        engine.new_task("ok", "lora", CLASSIFY)
+        engine.tasks.new("ok", "lora", CLASSIFY)
     with pytest.raises(InvalidRequest):
         engine.run([])
 
 
 def test_new_version_replaces_old_and_remove_is_idempotent() -> None:
     engine = make_engine("t5")
-    engine.add_task(engine.new_task("pt", "prompt_tuning", CLASSIFY, seed=1, version=1))
+    engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", CLASSIFY, seed=1, version=1))
     v1 = engine.run([Request("pt", "x")])[0]
-    engine.add_task(engine.new_task("pt", "prompt_tuning", CLASSIFY, seed=2, version=2))
+    engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", CLASSIFY, seed=2, version=2))
     v2 = engine.run([Request("pt", "x")])[0]
     assert (v1.task_version, v2.task_version) == (1, 2)
     assert v1.scores != v2.scores
-    assert engine.loaded("pt").task.version == 2
-    engine.remove_task("pt")
-    engine.remove_task("pt")
+    assert engine.tasks.loaded("pt").task.version == 2
+    engine.tasks.remove("pt")
+    engine.tasks.remove("pt")
     with pytest.raises(NotFound):
         engine.run([Request("pt", "x")])
 
@@ -211,7 +212,7 @@ def test_attempt_pools_real_tokens_only() -> None:
     attempt = engine.methods["attempt"]
     with torch.no_grad():
         attempt.up.weight.mul_(50)  # sharpen the attention so a pooling change would show
-        task = engine.new_task("a", "attempt", CLASSIFY)
+        task = engine.tasks.new("a", "attempt", CLASSIFY)
         statics = [attempt.static(task)]
         embeds = torch.randn(1, 3, engine.backbone.d_model) - 3.0  # all-negative real tokens
         outs = []
@@ -227,11 +228,11 @@ def test_attempt_pools_real_tokens_only() -> None:
 
 def test_batch_in_flight_keeps_the_version_it_was_scheduled_with() -> None:
     engine = make_engine("llama")
-    engine.add_task(engine.new_task("pha", "pha", CLASSIFY, seed=1, version=1))
+    engine.tasks.add(engine.tasks.new("pha", "pha", CLASSIFY, seed=1, version=1))
     want_v1 = engine.run([Request("pha", "x")])[0]
     plan = engine.schedule([Request("pha", "x")])
-    engine.add_task(engine.new_task("pha", "pha", CLASSIFY, seed=2, version=2))  # swapped in meanwhile
-    engine.remove_task("pha")
+    engine.tasks.add(engine.tasks.new("pha", "pha", CLASSIFY, seed=2, version=2))  # swapped in meanwhile
+    engine.tasks.remove("pha")
     got = engine.complete(plan, engine.execute(plan))[0]
     assert got.task_version == 1 and got.scores == want_v1.scores
 
@@ -250,22 +251,22 @@ def test_length_buckets_keep_rows_invariant(kind: str) -> None:
 def test_task_memory_bound_evicts_lru_and_reloads_bit_identical(kind: str) -> None:
     unbounded = make_engine(kind)
     names = add_tasks(unbounded, per_method=2)
-    one_task = max(unbounded.loaded(n).nbytes for n in names)
+    one_task = max(unbounded.tasks.loaded(n).nbytes for n in names)
     bounded = make_engine(kind, config=EngineConfig(task_memory_bytes=3 * one_task))
     for name in names:
-        bounded.add_task(unbounded.tasks[name])
-    assert bounded.resident_bytes <= 3 * one_task < unbounded.resident_bytes
+        bounded.tasks.add(unbounded.tasks[name])
+    assert bounded.tasks.resident_bytes <= 3 * one_task < unbounded.tasks.resident_bytes
     requests = [Request(n, "a fine film") for n in names]
     want = [unbounded.run([r])[0] for r in requests]
     for _ in range(2):  # every task is evicted and rebuilt from its host copy at least once
         for request, expected in zip(requests, want):
             got = bounded.run([request])[0]
             assert got.scores == expected.scores, request.task
-            assert bounded.resident_bytes <= 3 * one_task
+            assert bounded.tasks.resident_bytes <= 3 * one_task
     mixed = bounded.run(requests)  # a batch needing more than the bound still runs, then shrinks back
     assert [r.scores for r in mixed] == [r.scores for r in unbounded.run(requests)]
     bounded.run([requests[0]])
-    assert bounded.resident_bytes <= 3 * one_task
+    assert bounded.tasks.resident_bytes <= 3 * one_task
 
 
 def test_new_shared_module_version_leaves_existing_tasks_untouched() -> None:
@@ -278,12 +279,12 @@ def test_new_shared_module_version_leaves_existing_tasks_untouched() -> None:
         with torch.no_grad():
             for p in retrained.parameters():
                 p.add_(torch.randn_like(p) * 0.3)
-        engine.set_module(method, 1, retrained)
+        engine.tasks.set_module(method, 1, retrained)
     assert [r.scores for r in engine.run(requests)] == before  # old tasks keep module v0
-    fresh = engine.new_task("fresh-ip", "ip", CLASSIFY)
+    fresh = engine.tasks.new("fresh-ip", "ip", CLASSIFY)
     assert fresh.module_version == 1
-    engine.add_task(fresh)
-    engine.remove_task("ip-0")  # nothing uses ip v0 any more: it is dropped
-    assert not engine.has_module("ip", 0) and engine.has_module("pha", 0)
+    engine.tasks.add(fresh)
+    engine.tasks.remove("ip-0")  # nothing uses ip v0 any more: it is dropped
+    assert not engine.tasks.has_module("ip", 0) and engine.tasks.has_module("pha", 0)
     with pytest.raises(Incompatible):
-        engine.add_task(dataclasses.replace(fresh, name="stale", module_version=7))
+        engine.tasks.add(dataclasses.replace(fresh, name="stale", module_version=7))

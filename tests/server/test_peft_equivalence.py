@@ -39,8 +39,8 @@ def test_prompt_tuning_matches_peft(kind: str) -> None:
     prompt = torch.randn(N_VIRTUAL, backbone.d_model, generator=torch.Generator().manual_seed(3))
     spec_cls = TaskSpec(template="{text} =>", labels=(" yes", " no"), scoring="sum")
     spec_gen = TaskSpec(template="{text} =>", max_new_tokens=6)
-    engine.add_task(engine.new_task("cls", "prompt_tuning", spec_cls, init={"prompt": prompt}))
-    engine.add_task(engine.new_task("gen", "prompt_tuning", spec_gen, init={"prompt": prompt}))
+    engine.tasks.add(engine.tasks.new("cls", "prompt_tuning", spec_cls, init={"prompt": prompt}))
+    engine.tasks.add(engine.tasks.new("gen", "prompt_tuning", spec_gen, init={"prompt": prompt}))
     text = "is the sky blue"
     plan = engine.schedule([Request("cls", text), Request("gen", text)])
     out = engine.execute(plan)
@@ -54,7 +54,7 @@ def test_prompt_tuning_matches_peft(kind: str) -> None:
         # logits of every label token, through PEFT's forward
         scores = []
         for label in spec_cls.labels:
-            target = backbone.encode_target(label)
+            target = backbone.encode_target(label if backbone.is_encoder_decoder else f" {label}")  # a decoder-only label is a new word after the cue
             if backbone.is_encoder_decoder:
                 dec_in = torch.tensor([[backbone.model.config.decoder_start_token_id] + target[:-1]])
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec_in).logits[0]
@@ -90,7 +90,7 @@ def test_prompt_logits_match_peft_forward(kind: str) -> None:
     engine = Engine(backbone)
     prompt = torch.randn(N_VIRTUAL, backbone.d_model, generator=torch.Generator().manual_seed(4))
     spec = TaskSpec(template="{text}", max_new_tokens=1)
-    engine.add_task(engine.new_task("t", "prompt_tuning", spec, init={"prompt": prompt}))
+    engine.tasks.add(engine.tasks.new("t", "prompt_tuning", spec, init={"prompt": prompt}))
     plan = engine.schedule([Request("t", "hello world")])
     with torch.no_grad():
         enc, ctx, _ = engine._encode(plan, live=False)

@@ -1,6 +1,6 @@
 """The engine on the REAL embedded default: SmolLM2-135M-Instruct + all-MiniLM-L6-v2 (marker `real`).
 
-Shared methods carry random (seeded, perturbed) weights here — the learning issue trains them —
+Shared methods carry random (seeded, perturbed) weights here (the demo store holds trained ones),
 but the backbone, the tokenizer, the form module and the full 100-token prompts are real."""
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ SENTIMENT = TaskSpec(
     description="Tell me the sentiment of the film review:",
     scoring="first",
 )
-REVIEWS = [
-    ("A wonderful, moving film with superb acting.", " positive"),
-    ("Dull, tedious and far too long. I hated it.", " negative"),
-    ("One of the best films of the year, a joy to watch.", " positive"),
-    ("A boring mess with a terrible script.", " negative"),
+REVIEWS = [  # labels as written (the leading space they are scored with is the backbone's business)
+    ("A wonderful, moving film with superb acting.", "positive"),
+    ("Dull, tedious and far too long. I hated it.", "negative"),
+    ("One of the best films of the year, a joy to watch.", "positive"),
+    ("A boring mess with a terrible script.", "negative"),
 ]
 
 
@@ -47,9 +47,11 @@ def test_real_backbone_shapes(real_engine: Engine) -> None:
 
 
 def test_zero_shot_sentiment_with_the_served_template(real_engine: Engine) -> None:
-    """The plain backbone (an empty soft prompt) gets obvious reviews right with first-token
-    scoring — the template is part of the task (DESIGN.md)."""
-    real_engine.add_task(real_engine.new_task("zero-shot", "prompt_tuning", SENTIMENT, init={"prompt": torch.zeros(0, 576)}))
+    """The plain backbone (a plain task; an empty soft prompt is the same) gets obvious reviews right
+    with first-token scoring — the template is part of the task (DESIGN.md)."""
+    real_engine.tasks.add(real_engine.tasks.new("zero-shot", "prompt_tuning", SENTIMENT, init={"prompt": torch.zeros(0, 576)}))
+    real_engine.tasks.add(real_engine.tasks.new("plain", "plain", SENTIMENT))
+    assert [r.scores for r in real_engine.run([Request("plain", text) for text, _ in REVIEWS])] == [r.scores for r in real_engine.run([Request("zero-shot", text) for text, _ in REVIEWS])]
     results = real_engine.run([Request("zero-shot", text) for text, _ in REVIEWS])
     assert [r.label for r in results] == [label for _, label in REVIEWS]
 
@@ -59,11 +61,11 @@ def test_batch_invariance_all_five_methods_on_smollm2(real_engine: Engine) -> No
     names = []
     for method in ("prompt_tuning", "tpv", "attempt", "ip", "pha"):
         for i in range(2):
-            task = real_engine.new_task(f"real-{method}-{i}", method, SENTIMENT, seed=i)
+            task = real_engine.tasks.new(f"real-{method}-{i}", method, SENTIMENT, seed=i)
             with torch.no_grad():
                 for p in task.params.values():
                     p.add_(torch.randn_like(p) * 0.01)
-            real_engine.add_task(task)
+            real_engine.tasks.add(task)
             names.append(task.name)
     requests = [Request(name, REVIEWS[i % len(REVIEWS)][0]) for i, name in enumerate(names)]
     batch = real_engine.run(requests)

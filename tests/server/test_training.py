@@ -14,7 +14,10 @@ from server.data.spec import TaskSpec
 from server.engine import Example, Request
 from server.training.evaluate import classification_metrics
 from server.training.experiments import TaskData, multitask
-from server.training.recipes import recipe, served_name
+from server.methods import recipe_for
+from server.methods.recipe import served_name
+from server.store_sync import attach
+from server.training.workbench import Workbench
 from server.training.trainer import Cancelled, TrainConfig, train
 
 SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive"), description="Tell me the sentiment:", scoring="sum")
@@ -33,9 +36,9 @@ def test_classification_metrics_by_hand() -> None:
 def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     def run(checkpoint: Path | None, stop_after: int | None = None) -> torch.Tensor:
         engine = make_engine("llama")
-        task = engine.new_task("t", "prompt_tuning", SPEC, seed=1)
-        trainables = recipe("prompt_tuning").per_task(engine, task)
-        engine.add_task(task)
+        task = engine.tasks.new("t", "prompt_tuning", SPEC, seed=1).on(engine.backbone.device)
+        trainables = recipe_for("prompt_tuning").trainables(task)
+        engine.tasks.add(task)
         calls = {"n": 0}
 
         def stop() -> bool:
@@ -54,49 +57,49 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> N
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 5
     resumed = run(tmp_path / "ckpt.pt")
     assert torch.allclose(resumed, straight, atol=1e-6)
-    assert not torch.equal(straight, make_engine("llama").new_task("t", "prompt_tuning", SPEC, seed=1).params["prompt"])
+    assert not torch.equal(straight, make_engine("llama").tasks.new("t", "prompt_tuning", SPEC, seed=1).params["prompt"])
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_multitask_publishes_modules_and_tasks_a_fresh_process_serves_identically(method: str, tmp_path: Path) -> None:
     engine = make_engine("llama")
     store = Store(tmp_path)
-    store.attach(engine)
-    before = {m: {k: v.clone() for k, v in engine.method(m).state_dict().items()} for m in METHODS}
+    attach(store, engine)
+    before = {m: {k: v.clone() for k, v in engine.tasks.method(m).state_dict().items()} for m in METHODS}
     data = {name: TaskData(SPEC, rows(name, 16, flip=(name == "b")), rows(name, 4, flip=(name == "b")), rows(name, 6, flip=(name == "b"))) for name in ("a", "b")}
     report = multitask(engine, store, method, ["a", "b"], data, TrainConfig(steps=6, batch_size=4, eval_every=3))
     assert set(report["tasks"]) == {"a", "b"} and report["tasks"]["a"]["test"]["n"] == 6
     shared_trained = method in ("attempt", "ip", "pha")
     assert store.registry.current_modules()[method] == (2 if shared_trained else 1)
-    after = engine.method(method).state_dict()
+    after = engine.tasks.method(method).state_dict()
     if shared_trained:
         assert any(not torch.equal(before[method][k].cpu(), after[k].cpu()) for k in after if k in before[method] and before[method][k].shape == after[k].shape) or method == "attempt"
     fresh = make_engine("llama")
-    assert not Store(tmp_path).attach(fresh).failed
+    assert not attach(Store(tmp_path), fresh).failed
     for name in ("a", "b"):
         served = served_name(name, method)
         want = engine.run([Request(name, "aaaa film")])[0].scores
         assert fresh.run([Request(served, "aaaa film")])[0].scores == pytest.approx(want, abs=1e-5)
     if method == "attempt":  # the sources are the prompts trained in the first stage, one per task
-        assert fresh.method("attempt").sources.shape[0] == 2
+        assert fresh.tasks.method("attempt").sources.shape[0] == 2
 
 
 def test_attempt_takes_its_source_prompts_from_the_prompt_tuned_mix() -> None:
     engine = make_engine("llama")
-    n_virtual = engine.method("attempt").config.n_virtual
+    n_virtual = engine.tasks.method("attempt").config.n_virtual
     prompts = {name: torch.randn(n_virtual, engine.backbone.d_model) for name in ("a", "b")}
     for name, prompt in prompts.items():
-        engine.add_task(engine.new_task(served_name(name, "prompt_tuning"), "prompt_tuning", SPEC, init={"prompt": prompt}))
-    plan = recipe("attempt").multitask(engine, {"a": SPEC, "b": SPEC}, seed=0)
+        engine.tasks.add(engine.tasks.new(served_name(name, "prompt_tuning"), "prompt_tuning", SPEC, init={"prompt": prompt}))
+    plan = recipe_for("attempt").multitask(Workbench(engine), {"a": SPEC, "b": SPEC}, seed=0)
     assert [stage.name for stage in plan.stages] == ["attention"]
     assert torch.equal(plan.module.sources.cpu(), torch.stack([prompts["a"], prompts["b"]]))
 
 
 def test_best_step_is_the_highest_validation_accuracy_then_the_lowest_validation_loss() -> None:
     engine = make_engine("llama")
-    task = engine.new_task("t", "prompt_tuning", SPEC, seed=1)
-    trainables = recipe("prompt_tuning").per_task(engine, task)
-    engine.add_task(task)
+    task = engine.tasks.new("t", "prompt_tuning", SPEC, seed=1).on(engine.backbone.device)
+    trainables = recipe_for("prompt_tuning").trainables(task)
+    engine.tasks.add(task)
     result = train(engine, [task], {"t": rows("t", 12)}, {"t": rows("t", 4)}, trainables, TrainConfig(steps=12, batch_size=4, eval_every=2, seed=0))
     history = result.history
     assert len(history) == 6 and all("val_loss" in h for h in history)
@@ -107,11 +110,11 @@ def test_best_step_is_the_highest_validation_accuracy_then_the_lowest_validation
 
 def _trained_tpv(engine, name: str, label: str) -> None:
     """A tpv source that learned to answer `label` (a tiny random model learns the label prior)."""
-    task = engine.new_task(name, "tpv", SPEC, seed=0)
-    trainables = recipe("tpv").per_task(engine, task)
-    engine.add_task(task)
+    task = engine.tasks.new(name, "tpv", SPEC, seed=0).on(engine.backbone.device)
+    trainables = recipe_for("tpv").trainables(task)
+    engine.tasks.add(task)
     train(engine, [task], {name: [Example(name, f"text {i}", label) for i in range(8)]}, {}, trainables, TrainConfig(steps=20, batch_size=8, prompt_lr=0.3))
-    engine.add_task(task)
+    engine.tasks.add(task)
 
 
 def test_tpv_few_shot_starts_from_the_sources_that_fit_the_examples_better_than_theta_init() -> None:
@@ -119,10 +122,10 @@ def test_tpv_few_shot_starts_from_the_sources_that_fit_the_examples_better_than_
     examples = [Example("new", f"new text {i}", " negative") for i in range(16)]
     _trained_tpv(engine, "fits", " negative")
     _trained_tpv(engine, "opposite", " positive")  # fits the examples worse than θ_init alone
-    _, notes = recipe("tpv").few_shot(engine, "new", SPEC, examples, {}, seed=0)
+    _, notes = recipe_for("tpv").few_shot(Workbench(engine), "new", SPEC, examples, {}, seed=0)
     assert list(notes["init_from"]) == ["fits"] and notes["init_from"]["fits"]["weight"] == pytest.approx(1.0)
 
-    engine.remove_task("fits")
-    task, notes = recipe("tpv").few_shot(engine, "new", SPEC, examples, {}, seed=0)
+    engine.tasks.remove("fits")
+    task, notes = recipe_for("tpv").few_shot(Workbench(engine), "new", SPEC, examples, {}, seed=0)
     assert list(notes["init_from"]) == ["theta_init"]
     assert not task.params["tau"].any()  # no source fits: the prompt starts at θ_init (τ = 0)

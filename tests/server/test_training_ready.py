@@ -27,8 +27,8 @@ def test_only_method_parameters_get_gradients(kind: str) -> None:
     tasks = []
     for method in METHODS:
         for i, spec in enumerate((CLASSIFY, gen_spec)):
-            task = engine.new_task(f"{method}-{i}", method, spec, seed=i, init={"copy_nets": True} if method == "ip" and i else None)
-            engine.add_task(task)
+            task = engine.tasks.new(f"{method}-{i}", method, spec, seed=i, init={"copy_nets": True} if method == "ip" and i else None)
+            engine.tasks.add(task)
             tasks.append(task)
     if "sources" in dict(engine.methods["attempt"].named_parameters()):
         engine.methods["attempt"].sources.requires_grad_(True)  # the source stage trains them
@@ -58,9 +58,9 @@ def test_training_steps_move_the_served_label(kind: str) -> None:
     from server.engine import Request
 
     engine = make_engine(kind)
-    spec = TaskSpec(template="{text} ->", labels=("yes", "no"), scoring="first")
-    task = engine.new_task("pt", "prompt_tuning", spec)
-    engine.add_task(task)
+    spec = TaskSpec(template="{text} ->", labels=("yes", "no"), scoring="mean")  # scored as training optimises it: the whole label
+    task = engine.tasks.new("pt", "prompt_tuning", spec)
+    engine.tasks.add(task)
     texts = ("good", "fine", "great")
     target = "no"
     before = [engine.run([Request("pt", t)])[0].scores[target] for t in texts]
@@ -72,7 +72,7 @@ def test_training_steps_move_the_served_label(kind: str) -> None:
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    engine.add_task(task)  # re-adding refreshes the cached static tensors (a new version in the store)
+    engine.tasks.add(task)  # re-adding refreshes the cached static tensors (a new version in the store)
     assert losses[-1] < losses[0]
     after = engine.run([Request("pt", t) for t in texts])
     for b, a in zip(before, after):

@@ -16,13 +16,14 @@ import torch
 
 from adapters_store.store import Store
 from helpers import METHODS, make_engine
-from server.api.app import load_engine
+from server.factory import build_engine
 from server.api.schemas import TaskCreate
 from server.data.spec import TaskSpec
 from server.engine import Example, Request
 from server.settings import Settings
+from server.store_sync import attach, sync
 from server.training.evaluate import evaluate
-from server.training.recipes import few_shot
+from server.training.few_shot import few_shot
 from server.training.trainer import TrainConfig
 from server.worker import Worker
 from serving import save_tiny_models
@@ -41,19 +42,19 @@ def body(name: str, method: str, steps: int = 30, **extra) -> dict:
 @pytest.mark.parametrize("method", METHODS)
 def test_few_shot_recipe_lowers_the_loss_and_leaves_the_engine_as_it_was(method: str) -> None:
     engine = make_engine("llama")
-    other = engine.new_task("other", method, SPEC, seed=5)
-    engine.add_task(other)
+    other = engine.tasks.new("other", method, SPEC, seed=5)
+    engine.tasks.add(other)
     before = engine.run([Request("other", "zzzz film")])[0].scores
-    probe = engine.new_task("probe", method, SPEC, init={"copy_nets": True} if method == "ip" else None)
-    engine.add_task(probe)
+    probe = engine.tasks.new("probe", method, SPEC, init={"copy_nets": True} if method == "ip" else None)
+    engine.tasks.add(probe)
     # the label the untrained task prefers less often: learning it means the outputs really moved
     predicted = [r.label for r in engine.run([Request("probe", e.text) for e in ROWS])]
     target = min(SPEC.labels, key=predicted.count)
     rows = [Example("new", e.text, target) for e in ROWS]
     start = evaluate(engine, [Example("probe", e.text, target) for e in ROWS])["accuracy"]
-    engine.remove_task("probe")
+    engine.tasks.remove("probe")
     task, result, _ = few_shot(engine, "new", method, SPEC, rows[:16], rows[16:], {}, TrainConfig(steps=40, batch_size=8, eval_every=10, lr=3e-3, prototype_lr=5e-2))
-    engine.add_task(task)
+    engine.tasks.add(task)
     end = evaluate(engine, rows)["accuracy"]
     assert start <= 0.5 and end == 1.0, (start, end, result.history)
     assert result.validation["new"]["n"] == 8 and result.best_step > 0
@@ -75,14 +76,14 @@ def submit(store: Store, request: dict) -> str:
 
 def test_worker_runs_jobs_for_every_method_and_other_tasks_stay_bit_identical(deployment) -> None:
     settings, store = deployment
-    serving = load_engine(settings)
-    store.attach(serving)
-    existing = serving.new_task("existing", "attempt", SPEC, seed=3)
+    serving = build_engine(settings)
+    attach(store, serving)
+    existing = serving.tasks.new("existing", "attempt", SPEC, seed=3)
     store.publish(existing, serving.backbone.fingerprint)
-    store.sync(serving)
+    sync(store, serving)
     probe = [Request("existing", f"text {i}") for i in range(4)]
     before = [r.scores for r in serving.run(probe)]
-    worker = Worker(settings, load_engine(settings, task_memory=False), Store(settings.store), name="w1")
+    worker = Worker(settings, build_engine(settings, training=True), Store(settings.store), name="w1")
     jobs = {method: submit(store, body(f"new-{method}", method, steps=12)) for method in METHODS}
     done = threading.Event()
 
@@ -97,11 +98,11 @@ def test_worker_runs_jobs_for_every_method_and_other_tasks_stay_bit_identical(de
     trainer.start()
     checks = 0
     while not done.is_set() or checks == 0:  # while jobs train and publish, the served task never changes
-        store.sync(serving)  # hot-load whatever was published meanwhile
+        sync(store, serving)  # hot-load whatever was published meanwhile
         assert [r.scores for r in serving.run(probe)] == before
         checks += 1
     trainer.join()
-    store.sync(serving)
+    sync(store, serving)
     assert [r.scores for r in serving.run(probe)] == before and checks > 1
     assert not worker.run_once()  # the queue is empty
     for method, job_id in jobs.items():
@@ -115,7 +116,7 @@ def test_worker_runs_jobs_for_every_method_and_other_tasks_stay_bit_identical(de
 
 def test_cancelled_and_invalid_jobs(deployment) -> None:
     settings, store = deployment
-    worker = Worker(settings, load_engine(settings, task_memory=False), Store(settings.store), name="w1")
+    worker = Worker(settings, build_engine(settings, training=True), Store(settings.store), name="w1")
     queued = submit(store, body("cancel-me", "prompt_tuning"))
     store.registry.cancel_job(queued)
     assert not worker.run_once() and not store.registry.exists("cancel-me")  # the name is free again

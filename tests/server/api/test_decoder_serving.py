@@ -21,6 +21,7 @@ from server.backbone import load_backbone, load_form_module
 from server.data.spec import TaskSpec
 from server.engine import Engine, Request
 from server.settings import Settings
+from server.store_sync import attach, sync
 from serving import assert_concurrent_equals_solo, postgres_database, running_server, save_tiny_models
 
 SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive"), description="Tell me the sentiment of the review:", scoring="sum")
@@ -37,24 +38,24 @@ def deployment(tmp_path_factory) -> Iterator[tuple[str, Store, Engine]]:
             # another process: trains shared modules (here: perturbs them) and publishes tasks
             other = Engine(load_backbone(str(root / "model")), load_form_module(str(root / "form")))
             writer = Store(root / "store", db_url)
-            writer.attach(other)  # the server already published the built-in modules as v1
+            attach(writer, other)  # the server already published the built-in modules as v1
             perturb(other)
-            for method in METHODS:
-                writer.publish_module(other, method, other.methods[method])
-            writer.sync(other)
-            assert all(v == 2 for v in other.module_versions.values())
+            for module in other.methods.values():
+                writer.publish_module(module, other.backbone.fingerprint, other.form_fingerprint)
+            sync(writer, other)
+            assert all(v == 2 for v in other.tasks.versions.values())
             yield url, writer, other
             writer.close()
 
 
 def publish_tasks(writer: Store, engine: Engine, names: list[tuple[str, str]], version: int = 1, seed: int = 0) -> None:
     for name, method in names:
-        task = engine.new_task(name, method, SPEC, seed=seed, version=version)
+        task = engine.tasks.new(name, method, SPEC, seed=seed, version=version)
         with torch.no_grad():
             for p in task.params.values():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + version)) * 0.5)
         writer.publish(task, engine.backbone.fingerprint)
-        engine.add_task(task)
+        engine.tasks.add(task)
 
 
 def wait_served(url: str, names: list[str], version: int = 1) -> None:
@@ -79,7 +80,7 @@ def test_decoder_only_mixed_concurrency_over_postgres(deployment) -> None:
         assert answer["label"] in ("negative", "positive")  # as written: no tokenizer space
         assert set(answer["scores"]) == {"negative", "positive"}
         want = other.run([Request(row["task"], row["text"])])[0].scores  # the publishing process agrees
-        assert answer["scores"]["positive"] == pytest.approx(want[" positive"], abs=1e-5)
+        assert answer["scores"]["positive"] == pytest.approx(want["positive"], abs=1e-5)
     assert httpx.get(f"{url}/v1/tasks/dec-ip-0").json()["spec"]["labels"] == ["negative", "positive"]
 
 
@@ -88,13 +89,13 @@ def test_version_swap_under_load_loses_no_request(deployment) -> None:
     publish_tasks(writer, other, [("swap", "attempt")], version=1, seed=7)
     wait_served(url, ["swap"])
     texts = [f"review {i}" for i in range(8)]
-    expected: dict[int, dict[str, float]] = {1: {t: other.run([Request("swap", t)])[0].scores[" positive"] for t in texts}}
+    expected: dict[int, dict[str, float]] = {1: {t: other.run([Request("swap", t)])[0].scores["positive"] for t in texts}}
 
     def publisher() -> None:
         for version in (2, 3, 4):
             time.sleep(0.3)
             publish_tasks(writer, other, [("swap", "attempt")], version=version, seed=7)
-            expected[version] = {t: other.run([Request("swap", t)])[0].scores[" positive"] for t in texts}
+            expected[version] = {t: other.run([Request("swap", t)])[0].scores["positive"] for t in texts}
 
     async def load() -> list[httpx.Response]:
         responses: list[httpx.Response] = []

@@ -18,6 +18,7 @@ from server.backbone import load_backbone
 from server.data.spec import TaskSpec
 from server.engine import Engine
 from server.settings import Settings
+from server.store_sync import attach, sync
 
 KEY = {"Authorization": "Bearer s3cret"}
 SPEC = TaskSpec(template="review: {text}", labels=("negative", "positive"), description="Tell me the sentiment:")
@@ -57,9 +58,9 @@ def test_ip_from_description_is_created_at_once_and_served(server) -> None:
 def test_hot_load_from_another_process_then_tpv_combine_then_delete(server) -> None:
     url, store_root, other = server
     writer = Store(store_root)
-    writer.attach(other)
+    attach(writer, other)
     for i in range(2):
-        task = other.new_task(f"tpv-{i}", "tpv", SPEC, seed=i)
+        task = other.tasks.new(f"tpv-{i}", "tpv", SPEC, seed=i)
         with __import__("torch").no_grad():
             task.params["tau"].normal_()
         writer.publish(task, other.backbone.fingerprint)
@@ -202,11 +203,11 @@ def test_200_concurrent_requests_over_all_five_methods_equal_solo(server) -> Non
 
     url, store_root, other = server
     writer = Store(store_root)
-    writer.attach(other)
+    attach(writer, other)
     names = []
     for method in ("prompt_tuning", "tpv", "attempt", "ip", "pha"):
         for i in range(2):
-            task = other.new_task(f"e2e-{method}-{i}", method, SPEC, seed=10 + i)
+            task = other.tasks.new(f"e2e-{method}-{i}", method, SPEC, seed=10 + i)
             with torch.no_grad():
                 for p in task.params.values():
                     p.add_(torch.randn_like(p) * 0.5)

@@ -18,6 +18,7 @@ from helpers import free_port, tiny_t5
 from server.backbone import load_backbone
 from server.data.spec import TaskSpec
 from server.engine import Engine
+from server.store_sync import attach
 
 SPEC = TaskSpec(template="review: {text}", labels=("negative", "positive"), description="Tell me the sentiment:")
 
@@ -30,8 +31,8 @@ def model_and_store(tmp_path_factory) -> tuple[Path, Path]:
     backbone.tokenizer.save_pretrained(root / "model")
     engine = Engine(load_backbone(str(root / "model")))
     store = Store(root / "store")
-    store.attach(engine)
-    store.publish(engine.new_task("sent", "ip", SPEC), engine.backbone.fingerprint)
+    attach(store, engine)
+    store.publish(engine.tasks.new("sent", "ip", SPEC), engine.backbone.fingerprint)
     store.close()
     return root / "model", root / "store"
 

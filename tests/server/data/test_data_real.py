@@ -25,6 +25,6 @@ def test_catalog_task_loads_from_real_data(name: str) -> None:
     assert len(data.examples) >= 90
     assert len(counts) >= 2 and set(counts) <= set(data.task.labels)
     assert all(0 < len(e.text) <= data.task.max_chars for e in data.examples)
-    assert "{text}" not in spec(data.task, seq2seq=False).render(data.examples[0].text)
+    assert "{text}" not in spec(data.task).render(data.examples[0].text)
     parts = split(data.examples, seed=0)
     assert parts.train and parts.test

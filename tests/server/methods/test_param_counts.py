@@ -82,7 +82,7 @@ def test_prompt_counts(cls, config) -> None:
 
 
 def test_every_registered_method_reports_counts() -> None:
-    assert set(REGISTRY) == {"prompt_tuning", "tpv", "attempt", "ip", "pha"}
-    for cls in REGISTRY.values():
-        counts = cls(SMALL).param_count()
+    assert set(REGISTRY) == {"plain", "prompt_tuning", "tpv", "attempt", "ip", "pha"}
+    for entry in REGISTRY.values():
+        counts = entry.module(SMALL).param_count()
         assert counts["per_task"] >= 0 and counts["shared"] >= 0

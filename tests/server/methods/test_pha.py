@@ -20,9 +20,9 @@ def test_retrieval_picks_the_prototype_of_the_examples_task() -> None:
 
 def test_static_adapters_are_a_function_of_the_prototype_only() -> None:
     engine = make_engine("llama")
-    a = engine.new_task("a", "pha", CLASSIFY, seed=1)
-    b = engine.new_task("b", "pha", CLASSIFY, seed=2)
-    same = engine.new_task("c", "pha", CLASSIFY, init={"prototype": a.params["prototype"].detach()})
+    a = engine.tasks.new("a", "pha", CLASSIFY, seed=1)
+    b = engine.tasks.new("b", "pha", CLASSIFY, seed=2)
+    same = engine.tasks.new("c", "pha", CLASSIFY, init={"prototype": a.params["prototype"].detach()})
     pha = engine.methods["pha"]
     with torch.no_grad():
         sa, sb, sc = pha.static(a), pha.static(b), pha.static(same)
@@ -34,9 +34,9 @@ def test_static_adapters_are_a_function_of_the_prototype_only() -> None:
 def test_contrastive_losses_pull_rows_to_their_prototype() -> None:
     """A few steps on λ(L_IR + L_Pro) raise each row's similarity to its own task's prototype."""
     engine = make_engine("llama")
-    tasks = [engine.new_task(f"t{i}", "pha", CLASSIFY, seed=i) for i in range(2)]
+    tasks = [engine.tasks.new(f"t{i}", "pha", CLASSIFY, seed=i) for i in range(2)]
     for t in tasks:
-        engine.add_task(t)
+        engine.tasks.add(t)
     texts = {"t0": ["good film", "great film", "nice film"], "t1": ["2+2=4?", "3+3=7?", "1+1=2?"]}
     examples = [Example(name, text, " positive") for name, batch in texts.items() for text in batch]
     pha = engine.methods["pha"]

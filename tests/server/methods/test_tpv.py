@@ -28,19 +28,19 @@ def test_composed_task_serves_theta_init_plus_weighted_sum() -> None:
     tpv = engine.methods["tpv"]
     tasks = []
     for i in range(2):
-        task = engine.new_task(f"src-{i}", "tpv", CLASSIFY)
+        task = engine.tasks.new(f"src-{i}", "tpv", CLASSIFY)
         with torch.no_grad():
             task.params["tau"].normal_(generator=torch.Generator().manual_seed(i))
-        engine.add_task(task)
+        engine.tasks.add(task)
         tasks.append(task)
     weights = [(tpv.vector(tasks[0]), 1.0), (tpv.vector(tasks[1]), 0.5)]
-    composed = engine.new_task("mix", "tpv", CLASSIFY, init={"vectors": weights})
-    engine.add_task(composed)
+    composed = engine.tasks.new("mix", "tpv", CLASSIFY, init={"vectors": weights})
+    engine.tasks.add(composed)
     theta = tpv.theta_init(composed.meta["origin"])
     want = theta + tasks[0].params["tau"] + 0.5 * tasks[1].params["tau"]
-    assert torch.allclose(engine.loaded("mix").static["prompt"], want)
+    assert torch.allclose(engine.tasks.loaded("mix").static["prompt"], want)
     # the served prompt is exactly that prompt: the same output as a prompt_tuning task holding it
-    engine.add_task(engine.new_task("pt", "prompt_tuning", CLASSIFY, init={"prompt": want.detach()}))
+    engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", CLASSIFY, init={"prompt": want.detach()}))
     a, b = engine.run([Request("mix", "nice"), Request("pt", "nice")])
     assert a.scores == pytest.approx(b.scores, abs=1e-6)
 
@@ -49,8 +49,8 @@ def test_refuses_vectors_from_another_origin() -> None:
     engine = make_engine("t5")
     tpv = engine.methods["tpv"]
     tpv.add_origin("family-b", torch.randn(tpv.config.n_virtual, engine.backbone.d_model))
-    foreign = engine.new_task("b", "tpv", CLASSIFY, init={"origin": "family-b"})
+    foreign = engine.tasks.new("b", "tpv", CLASSIFY, init={"origin": "family-b"})
     with pytest.raises(Incompatible):
-        engine.new_task("mix", "tpv", CLASSIFY, init={"vectors": [(tpv.vector(foreign), 1.0)]})
+        engine.tasks.new("mix", "tpv", CLASSIFY, init={"vectors": [(tpv.vector(foreign), 1.0)]})
     with pytest.raises(Incompatible):
         tpv.add_origin("family-b", torch.zeros(tpv.config.n_virtual, engine.backbone.d_model))

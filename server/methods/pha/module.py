@@ -28,7 +28,6 @@ reference code's hidden layers in G and C and all biases counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,38 +36,20 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
-from server.methods.base import BackboneDims, Method, RowGroup, register
+from server.methods.base import BackboneDims, Method, RowGroup
+from server.methods.pha.config import PHAConfig
 from server.task import Task
 
 
-@dataclass(frozen=True)
-class PHAConfig:
-    proto_dim: int = 64
-    """d', size of prototypes, retrieval vectors and layer embeddings (reference code: 64)."""
-    retriever_hidden: int = 128
-    """h_r, hidden size of the retriever G."""
-    mixer_hidden: int = 128
-    """h_c, hidden size of the project network C."""
-    mixed_dim: int = 64
-    """d_h, size of the mixed embedding I_i^m fed to the hypernetwork (appendix A: 64)."""
-    bottleneck: int = 64
-    """b, adapter bottleneck of generated and shared adapters."""
-    temperature: float = 0.1
-    """Temperature of both contrastive losses."""
-    loss_weight: float = 0.1
-    """λ in eq 9."""
-    seed: int = 0
-    """Seed of the shared modules' initialisation."""
-
-
-@register
 class PrototypeHyperAdapter(Method):
     method_id = "pha"
+    config_class = PHAConfig
+    config: PHAConfig
     wants_features = True
 
     def __init__(self, dims: BackboneDims, config: PHAConfig | None = None, embedding: Tensor | None = None) -> None:
-        super().__init__(dims)
-        self.config = c = config or PHAConfig()
+        super().__init__(dims, config)
+        c = self.config
         d, b = dims.d_model, c.bottleneck
         # nn.Linear draws from the global generator: seed it inside fork_rng so the shared init is
         # reproducible without touching the caller's random state

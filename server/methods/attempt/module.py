@@ -15,7 +15,6 @@ Parameters: shared G = 2·d·r + 3·d (W_down, W_up + bias, LayerNorm γ/β); so
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,38 +23,20 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
-from server.methods.base import BackboneDims, Method, RowGroup, register, sample_vocab_rows
+from server.methods.attempt.config import AttemptConfig
+from server.methods.base import BackboneDims, Method, RowGroup
+from server.methods.prompts import sample_vocab_rows
 from server.task import Task
 
 
-@dataclass(frozen=True)
-class AttemptConfig:
-    n_virtual: int = 100
-    """Prompt length m of the source and target prompts (seed 002: 100)."""
-    n_sources: int = 6
-    """Number of source prompts t (seed 002 trains six: MNLI, SST-2, QQP, QNLI, SQuAD, ReCoRD)."""
-    bottleneck: int = 100
-    """r, the down-projection size of the attention module (reference code: 100)."""
-    temperature_k: float = 1.0
-    """K in the logit scale 1/(d·e^K) (seed 002 uses K = 1)."""
-    init_vocab: int = 5000
-    """Prompts are initialised from embeddings of the first `init_vocab` ids."""
-    seed: int = 0
-    """Seed of the source-prompt and attention-module initialisation."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_virtual", "n_sources", "bottleneck"):
-            if getattr(self, name) < 1:
-                raise InvalidRequest(f"{name}: must be >= 1")
-
-
-@register
 class Attempt(Method):
     method_id = "attempt"
+    config_class = AttemptConfig
+    config: AttemptConfig
 
     def __init__(self, dims: BackboneDims, config: AttemptConfig | None = None, embedding: Tensor | None = None) -> None:
-        super().__init__(dims)
-        self.config = c = config or AttemptConfig()
+        super().__init__(dims, config)
+        c = self.config
         d = dims.d_model
         generator = torch.Generator().manual_seed(c.seed)
         if embedding is not None:

@@ -13,13 +13,12 @@ linear map with tied halves). With that choice the §3.6 count holds for the wei
     d_1·t + n_1 + t·n_2 + t·t + t·d_2,
 and with the biases of T, c_1 and c_2 the exact count is t·(d_1 + d_2 + t + n_2 + 2) + n_1 + d_2.
 c_2 starts at zero, so an untrained IP is the identity (I = 0).
-A task may carry its own fine-tuned copy of the nets (few-shot, learning issue); rows gather their
-task's nets, so tasks with and without copies still share one batch.
+A task may carry its own fine-tuned copy of the nets (a few-shot task, see recipe.py); rows gather
+their task's nets, so tasks with and without copies still share one batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,32 +27,21 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
-from server.methods.base import BackboneDims, Method, RowGroup, register
+from server.methods.base import BackboneDims, Method, RowGroup
+from server.methods.ip.config import IPConfig
 from server.task import Task
 
 NET_KEYS = ("w", "T_w", "T_b", "L", "c1_w", "c1_b", "c2_w", "c2_b")
 
 
-@dataclass(frozen=True)
-class IPConfig:
-    task_dim: int = 200
-    """t, the task-embedding size (seed 000 §4.2: 200)."""
-    seed: int = 0
-    """Seed of the nets' initialisation."""
-
-    def __post_init__(self) -> None:
-        if self.task_dim < 1:
-            raise InvalidRequest("task_dim: must be >= 1")
-
-
-@register
 class InspirationalPointer(Method):
     method_id = "ip"
+    config_class = IPConfig
+    config: IPConfig
     uses_form = True
 
     def __init__(self, dims: BackboneDims, config: IPConfig | None = None, embedding: Tensor | None = None) -> None:
-        super().__init__(dims)
-        self.config = config or IPConfig()
+        super().__init__(dims, config)
         self.nets = self.new_nets()
 
     def new_nets(self) -> nn.ParameterDict:

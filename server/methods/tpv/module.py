@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import Incompatible, InvalidRequest, NotFound
-from server.methods.base import BackboneDims, Method, RowGroup, add_static_prompts, register, sample_vocab_rows
+from server.methods.base import BackboneDims, Method, RowGroup
+from server.methods.prompts import add_static_prompts, sample_vocab_rows
+from server.methods.tpv.config import TPVConfig
 from server.task import Task
 
 
@@ -64,25 +66,13 @@ def combine(weighted: list[tuple[TaskVector, float]]) -> TaskVector:
     return total
 
 
-@dataclass(frozen=True)
-class TPVConfig:
-    n_virtual: int = 100
-    """Soft prompt length m (seed 001 uses 100)."""
-    init_vocab: int = 5000
-    """θ_init rows are sampled from the embeddings of the first `init_vocab` token ids."""
-    default_origin: str = "origin-0"
-    """Origin id used when a task names none."""
-    origin_seed: int = 0
-    """Seed of the default origin's θ_init, so every process derives the same one."""
-
-
-@register
 class TaskPromptVectors(Method):
     method_id = "tpv"
+    config_class = TPVConfig
+    config: TPVConfig
 
     def __init__(self, dims: BackboneDims, config: TPVConfig | None = None, embedding: Tensor | None = None) -> None:
-        super().__init__(dims)
-        self.config = config or TPVConfig()
+        super().__init__(dims, config)
         self.origins = nn.ParameterDict()  # origin id -> θ_init [m, d], frozen
         if embedding is not None:
             generator = torch.Generator().manual_seed(self.config.origin_seed)

@@ -8,7 +8,6 @@ on seq2seq, the decoder is untouched). Parameters per task: m·d.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,29 +16,16 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
-from server.methods.base import BackboneDims, Method, RowGroup, add_static_prompts, register, sample_vocab_rows
+from server.methods.base import Method, RowGroup
+from server.methods.prompt_tuning.config import PromptConfig
+from server.methods.prompts import add_static_prompts, sample_vocab_rows
 from server.task import Task
 
 
-@dataclass(frozen=True)
-class PromptConfig:
-    n_virtual: int = 100
-    """Soft prompt length m (seed papers: 100)."""
-    init_vocab: int = 5000
-    """Initial rows are sampled from the embeddings of the first `init_vocab` token ids."""
-
-    def __post_init__(self) -> None:
-        if self.n_virtual < 1:
-            raise InvalidRequest("n_virtual: must be >= 1")
-
-
-@register
 class PromptTuning(Method):
     method_id = "prompt_tuning"
-
-    def __init__(self, dims: BackboneDims, config: PromptConfig | None = None, embedding: Tensor | None = None) -> None:
-        super().__init__(dims)
-        self.config = config or PromptConfig()
+    config_class = PromptConfig
+    config: PromptConfig
 
     def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
         if "prompt" in init:  # an explicit prompt, e.g. imported from a PEFT checkpoint

@@ -1,0 +1,35 @@
+"""The one place an engine is built from Settings: `taskserve serve`, `taskserve worker` and the
+CLI's training commands all call `build_engine`."""
+
+from __future__ import annotations
+
+import logging
+
+from server.engine import Engine, EngineConfig
+from server.methods import load_plugins
+from server.settings import Settings
+
+log = logging.getLogger("taskserve")
+
+
+def build_engine(settings: Settings, *, training: bool = False) -> Engine:
+    """The backbone (+ IP's form module on decoder-only backbones, unless `form_module` is `none`)
+    the settings name, with every registered method (plugins first). `training`: a training
+    engine has no device-memory bound — its trained tensors must stay the resident leaves."""
+    from server import assets
+    from server.backbone import load_backbone, load_form_module
+
+    load_plugins(settings.plugin_modules)
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    backbone = load_backbone(assets.resolve_backbone(settings.backbone, settings.cache_dir), device=device, dtype=dtype)
+    form = None
+    if not backbone.is_encoder_decoder and settings.form_module != "none":
+        form = load_form_module(assets.resolve_form_module(settings.form_module, settings.cache_dir), device=device)
+    memory = int(settings.task_memory_mb * 2**20) if settings.task_memory_mb and not training else None
+    engine = Engine(backbone, form, config=EngineConfig(max_input_tokens=settings.max_input_tokens, task_memory_bytes=memory))
+    log.info(
+        "backbone %s (%s, d=%d, %d layers, fingerprint %s) on %s/%s; methods %s",
+        settings.backbone, backbone.kind, backbone.d_model, backbone.n_layers, backbone.fingerprint,
+        device, str(dtype).removeprefix("torch."), ", ".join(engine.methods),
+    )
+    return engine

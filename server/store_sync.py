@@ -1,0 +1,103 @@
+"""Binding an engine to a store, and hot-loading: the one place that knows both.
+
+Every process (server, worker, CLI) `attach`es its engine to the store it opens: methods the store
+holds no shared module for get the engine's built-in one published as v1 (seeded, so every process
+would publish the same weights); then `sync`. A serving process calls `sync` periodically: the
+store's current shared modules are installed, new and updated tasks loaded, deleted ones unloaded,
+and a task whose artifact is corrupt or made for another backbone is marked `failed` without
+affecting any other task. Idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from adapters_store import codec
+from adapters_store.store import Store
+from server.engine import Engine
+from server.errors import CorruptArtifact, Incompatible, TaskservError
+from server.methods import BackboneDims, Method, method_class
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncReport:
+    loaded: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)  # "method@version" made current
+
+
+def attach(store: Store, engine: Engine) -> SyncReport:
+    """Bind `engine` to `store` (built-in modules published as v1 where the store has none), then sync."""
+    held = store.registry.current_modules()
+    for method_id, module in engine.methods.items():
+        if method_id not in held and engine.tasks.versions[method_id] == 0:
+            store.publish_module(module, engine.backbone.fingerprint, engine.form_fingerprint, version=1)
+    return sync(store, engine)
+
+
+def sync(store: Store, engine: Engine) -> SyncReport:
+    """Make the engine match the registry: current shared modules, then tasks — load what it lacks
+    (or holds at another version), unload what the registry no longer has."""
+    report = SyncReport()
+    table = engine.tasks
+    for method_id, version in store.registry.current_modules().items():
+        if method_id in table.versions and table.versions[method_id] != version:
+            try:
+                table.set_module(method_id, version, load_module(store, engine, method_id, version))
+                report.modules.append(f"{method_id}@{version}")
+            except TaskservError as exc:  # its tasks fail to load below, each with a clear error
+                log.error("shared %s module v%s failed to load: %s", method_id, version, exc.message)
+    wanted = {row["name"]: row for row in store.registry.list_tasks() if row["status"] == "ready" and row["current_version"]}
+    served = table.snapshot()
+    for name in served.keys() - wanted.keys():
+        table.remove(name)
+        report.removed.append(name)
+    for name, row in wanted.items():
+        if name in served and served[name].version == row["current_version"]:
+            continue
+        try:
+            task = codec.load_task(store.task_folder(name, row["current_version"]), engine.backbone.fingerprint)
+            if not table.has_module(task.method, task.module_version):
+                table.set_module(task.method, task.module_version, load_module(store, engine, task.method, task.module_version), current=False)
+            table.add(task)
+            report.loaded.append(name)
+        except TaskservError as exc:
+            log.error("task %s v%s failed to load: %s", name, row["current_version"], exc.message)
+            store.registry.mark_failed(name, exc.message)
+            table.remove(name)
+            report.failed[name] = exc.message
+    return report
+
+
+def load_module(store: Store, engine: Engine, method_id: str, version: int) -> Method:
+    """A published shared module, built for `engine`; refuses another backbone, another form module
+    (IP) or other dims."""
+    return build_module(store.module_folder(method_id, version), engine.dims, engine.backbone.fingerprint, engine.form_fingerprint)
+
+
+def build_module(folder, dims: BackboneDims, fingerprint: str, form_fingerprint: str | None) -> Method:
+    """The shared module in `folder`, built with its recorded config."""
+    tensors, manifest = codec.read_module(folder)
+    what = f"shared {manifest.get('method')} module v{manifest.get('version')}"
+    if manifest.get("backbone_fingerprint") != fingerprint:
+        raise Incompatible(f"{what} was made for backbone {manifest.get('backbone_fingerprint')}, this server runs {fingerprint}")
+    cls = method_class(manifest["method"])
+    if cls.uses_form and manifest.get("form_fingerprint") != form_fingerprint:
+        raise Incompatible(f"{what} was made for form module {manifest.get('form_fingerprint')}, this server runs {form_fingerprint}")
+    if manifest.get("dims") != dataclasses.asdict(dims):
+        raise Incompatible(f"{what} was made for dims {manifest.get('dims')}, this server has {dataclasses.asdict(dims)}")
+    try:
+        config = cls.config_class(**manifest["config"])
+    except (TypeError, ValueError) as exc:
+        raise CorruptArtifact(f"{folder}: config {manifest['config']} does not fit {cls.config_class.__name__} ({exc})") from exc
+    module = cls(dims, config=config)
+    try:
+        module.load_shared(tensors)
+    except RuntimeError as exc:  # missing / unexpected keys or shapes
+        raise CorruptArtifact(f"{folder}: {exc}") from exc
+    return module
