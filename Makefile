@@ -42,15 +42,16 @@ test: venv
 serve: venv assets
 	HF_HUB_OFFLINE=1 $(VENV)/bin/taskserve serve
 
-# Rebuild demo_store/ (seeded, CPU-sized budgets): multi-task training of every method on the data
-# catalog's mix, then export of the trained tasks and shared modules. Reports go to docs/results/.
+# Rebuild demo_store/ (seeded, CPU-sized budgets): multi-task training of every trainable method on
+# the data catalog's mix (`--method all`: registry order, one budget for all), then export of the
+# trained tasks and shared modules. Reports go to docs/results/train-<method>.json.
 DEMO_STORE_WORK := build/demo-store
+DEMO_STEPS ?= 120
 DEMO_TRAIN_ARGS := --store $(DEMO_STORE_WORK) --batch-size 8 --eval-rows 200 --lr 1e-3 --seed 0
 demo-store: venv assets data
 	rm -rf $(DEMO_STORE_WORK)
 	$(VENV)/bin/taskserve eval --zero-shot --store $(DEMO_STORE_WORK) --eval-rows 200 --tasks $(ALL_TASKS) --out docs/results/zero-shot.json
-	$(VENV)/bin/taskserve train --method pha --config bottleneck=16 --steps 250 --eval-every 125 --val-rows 50 $(DEMO_TRAIN_ARGS) --out docs/results/train-pha.json
-	for m in ip prompt_tuning tpv attempt; do $(VENV)/bin/taskserve train --method $$m --steps 120 --eval-every 60 --val-rows 40 $(DEMO_TRAIN_ARGS) --out docs/results/train-$$m.json || exit 1; done
+	$(VENV)/bin/taskserve train --method all --steps $(DEMO_STEPS) --eval-every $$(( $(DEMO_STEPS) / 2 )) --val-rows 40 $(DEMO_TRAIN_ARGS) --out 'docs/results/train-{method}.json'
 	rm -rf demo_store && $(VENV)/bin/taskserve store export demo_store --store $(DEMO_STORE_WORK)
 
 bench: venv

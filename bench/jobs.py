@@ -6,7 +6,7 @@ the task's test rows through POST /v1/predict and compare with the backbone's ze
 on the same rows (`taskserve eval --zero-shot`'s JSON, same seed and split).
 
     python -m bench.jobs --url http://127.0.0.1:8000 --task nyt-sentiment --k 32 \
-        --zero-shot docs/results/zero-shot.json [--methods ip,pha,...] [--out FILE]
+        --zero-shot docs/results/zero-shot.json [--methods M1,M2,...] [--out FILE]
 
 Needs the data (`taskserve data fetch`) on this machine and a server with a worker (`make serve`).
 """
@@ -25,6 +25,7 @@ import httpx
 from server.data import catalog
 from server.data.readers import LabeledText
 from server.data.splits import few_shot
+from server.methods import method_ids
 from server.settings import Settings
 from server.training.evaluate import classification_metrics
 from server.training.experiments import load_task_data
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--task", default="nyt-sentiment")
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--methods", default="prompt_tuning,tpv,attempt,ip,pha")
+    parser.add_argument("--methods", default=",".join(method_ids(trainable=True)), help="comma-separated (default: every trainable method)")
     parser.add_argument("--zero-shot", help="JSON written by `taskserve eval --zero-shot` (same seed and eval rows)")
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--steps", type=int, default=60)

@@ -12,7 +12,9 @@ import statistics
 import sys
 from pathlib import Path
 
-METHODS = ("prompt_tuning", "tpv", "attempt", "ip", "pha")
+from server.methods import method_ids
+
+METHODS = method_ids(trainable=True)
 
 
 def multitask_table(folder: Path) -> str:

@@ -1,12 +1,13 @@
 """Throughput of one mixed-task, mixed-method forward vs. one forward per task (HF PEFT).
 
 What is measured (all in ONE process, same backbone weights, dtype, device and input texts):
-  (a) ours, one task: B rows of one prompt_tuning task (100-token prompt), 2-label rank
-      classification scored on the first label token, inputs of exactly L tokens;
-  (b) ours, the same B rows spread over N = 8 / 32 / 128 prompt_tuning tasks (capped at B),
-      rows shuffled so tasks interleave — one forward for the whole batch;
-  (c) ours, the B rows spread over tasks of all five methods (prompt_tuning, tpv, attempt, ip,
-      pha; ip rows also carry their task description, as the method prescribes);
+  (a) ours, one task: B rows of one soft-prompt task (the registered method that serves PEFT's
+      PROMPT_TUNING adapters, 100-token prompt), 2-label rank classification scored on the first
+      label token, inputs of exactly L tokens;
+  (b) ours, the same B rows spread over N = 8 / 32 / 128 such tasks (capped at B), rows shuffled
+      so tasks interleave — one forward for the whole batch;
+  (c) ours, the B rows spread over tasks of every registered method (rows of methods that read
+      the task description also carry it, as the method prescribes);
   (d) HF PEFT as users serve prompt tuning today: one PeftModel holding N PromptTuningConfig
       adapters (num_virtual_tokens=100), requests grouped per task, `set_adapter(name)` and one
       padded forward per group (left padding on decoder-only), label = argmax of the two label tokens' last-position logits
@@ -55,9 +56,10 @@ from transformers import BertConfig, BertModel, ByT5Tokenizer, LlamaConfig, Llam
 from server.backbone import Backbone, FormModule, freeze
 from server.data.spec import TaskSpec
 from server.engine import Engine, Request, default_methods
+from server.methods import Method, method_class, method_for_peft, method_ids
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("prompt_tuning", "tpv", "attempt", "ip", "pha")
+PROMPT = method_for_peft("PROMPT_TUNING")  # our counterpart of PEFT's prompt tuning
 N_VIRTUAL = 100
 TEMPLATE = "Review: {text}\nSentiment: "
 LABELS = ("negative", "positive")  # distinct first bytes, so first-token scoring is meaningful
@@ -172,19 +174,20 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
     pt_names = [f"pt-{i}" for i in range(max(n_list))]
     prompt = {}  # task name -> its soft prompt [m, d], copied into the PEFT adapters below
     for i, name in enumerate(pt_names):
-        task = engine.tasks.new(name, "prompt_tuning", spec, seed=i)
+        task = engine.tasks.new(name, PROMPT, spec, seed=i)
         prompt[name] = task.params["prompt"].detach().clone()
         engine.tasks.add(task)
-    engine.tasks.add(engine.tasks.new("pt-gen", "prompt_tuning", gen_spec, init={"prompt": prompt["pt-0"]}))
-    per_method = max(1, min(8, batch // len(METHODS)))
-    five_names = []
-    for method in METHODS:
+    engine.tasks.add(engine.tasks.new("pt-gen", PROMPT, gen_spec, init={"prompt": prompt["pt-0"]}))
+    methods = method_ids()
+    per_method = max(1, min(8, batch // len(methods)))
+    mixed_names = []
+    for method in methods:
         for i in range(per_method):
             name = f"{method.replace('_', '-')}-{i}"
             engine.tasks.add(engine.tasks.new(name, method, spec, seed=1000 + i))
-            five_names.append(name)
+            mixed_names.append(name)
 
-    # PEFT: the same prompts as our prompt_tuning tasks (seq2seq keeps 2n rows; the encoder uses the first n)
+    # PEFT: the same prompts as our soft-prompt tasks (seq2seq keeps 2n rows; the encoder uses the first n)
     task_type = TaskType.SEQ_2_SEQ_LM if is_t5 else TaskType.CAUSAL_LM
     pmodel = get_peft_model(peft_base, PromptTuningConfig(task_type=task_type, num_virtual_tokens=N_VIRTUAL), adapter_name=pt_names[0])
     for name in pt_names[1:]:
@@ -201,7 +204,7 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
 
     configs: list[tuple[str, str, int, Callable[[], list[str]]]] = [("ours/1-task", "a", 1, ours(["pt-0"] * batch))]
     configs += [(f"ours/mixed-{n}", "b", n, ours(spread(batch, pt_names[:n], seed=n))) for n in n_list]
-    configs.append((f"ours/5-methods-{len(five_names)}", "c", len(five_names), ours(spread(batch, five_names, seed=5))))
+    configs.append((f"ours/all-methods-{len(mixed_names)}", "c", len(mixed_names), ours(spread(batch, mixed_names, seed=5))))
     configs.append(("peft/1-adapter", "d", 1, peft_runner(pmodel, peft_tok, prompts, ["pt-0"] * batch, label_ids, is_t5)))
     configs += [(f"peft/grouped-{n}", "d", n, peft_runner(pmodel, peft_tok, prompts, spread(batch, pt_names[:n], seed=n), label_ids, is_t5)) for n in n_list]
     configs.append(("ours/generate-4", "e", 1, ours(["pt-gen"] * batch)))
@@ -226,13 +229,14 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
     for n in n_list:
         ratios[f"ours-mixed-{n} / ours-1-task"] = rate(f"ours/mixed-{n}") / rate("ours/1-task")
         ratios[f"ours-mixed-{n} / peft-grouped-{n}"] = rate(f"ours/mixed-{n}") / rate(f"peft/grouped-{n}")
-    ratios[f"ours-5-methods-{len(five_names)} / ours-1-task"] = rate(f"ours/5-methods-{len(five_names)}") / rate("ours/1-task")
+    ratios[f"ours-all-methods-{len(mixed_names)} / ours-1-task"] = rate(f"ours/all-methods-{len(mixed_names)}") / rate("ours/1-task")
     ratios["classify / generate-4"] = rate("ours/1-task") / rate("ours/generate-4")
 
     agree = {"peft/1-adapter": _agree(answers["ours/1-task"], answers["peft/1-adapter"])}
     for n in n_list:
         agree[f"peft/grouped-{n}"] = _agree(answers[f"ours/mixed-{n}"], answers[f"peft/grouped-{n}"])
-    ip_extra = len(backbone.encode(spec.render(texts[0], with_description=True))) - length
+    described = [m for m in methods if method_class(m).render is not Method.render]  # methods that render more than the template
+    extra = {m: len(backbone.encode(engine.tasks.method(m).render(spec, texts[0]))) - length for m in described}
     return {
         "shape": shape,
         "device": device,
@@ -242,12 +246,12 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
         "batch": batch,
         "input_tokens": length,
         "prompt_tokens": N_VIRTUAL,
-        "ip_description_tokens": ip_extra,
+        "description_tokens": extra,
         "labels": list(LABELS),
         "scoring": "first",
         "warmup": warmup,
         "reps": reps,
-        "tasks_per_method_in_5_methods": per_method,
+        "tasks_per_method_in_the_mix": per_method,
         "schedule_median_s": sched,
         "mean_generated_tokens": sum(map(len, generated.values())) / batch,
         "runs": runs,
@@ -290,7 +294,7 @@ def tables(res: dict) -> tuple[str, str]:
     md += ["", "| ratio | value |", "|---|---:|", *(f"| {k} | {v:.2f}x |" for k, v in res["ratios"].items())]
     md += ["", f"torch {res['versions']['torch']}, transformers {res['versions']['transformers']}, peft {res['versions']['peft']}; "
            f"median of {res['reps']} after {res['warmup']} warm-ups; ours' schedule (render + tokenize B rows): {res['schedule_median_s'] * 1e3:.1f} ms; "
-           f"ip rows carry +{res['ip_description_tokens']} description tokens; generate-4 produced {res['mean_generated_tokens']:.1f} new tokens per row."]
+           "".join(f"{m} rows carry +{n} description tokens; " for m, n in res.get("description_tokens", {}).items()) + f"generate-4 produced {res['mean_generated_tokens']:.1f} new tokens per row."]
     return text, "\n".join(md) + "\n"
 
 

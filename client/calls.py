@@ -10,9 +10,7 @@ import httpx
 
 from server import errors
 
-ERRORS: dict[str, type[errors.TaskservError]] = {
-    cls.type: cls for cls in errors.TaskservError.__subclasses__() + [errors.TaskservError]
-}
+ERRORS: dict[str, type[errors.TaskservError]] = errors.error_types()  # every public error, by its `type`
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class _Item(Generic[T]):
     chars: int
     deadline: float
     future: asyncio.Future = field(repr=False)
+    siblings: list[asyncio.Future] = field(default_factory=list, repr=False)  # the other rows of its request
     queued: float = field(default_factory=time.monotonic)
 
 
@@ -109,9 +110,12 @@ class Batcher(Generic[T]):
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + (timeout_s or self.config.default_timeout_s)
         items = [_Item(p, c, deadline, loop.create_future()) for p, c in zip(payloads, chars, strict=True)]
+        futures = [item.future for item in items]
+        if len(items) > 1:
+            for item in items:
+                item.siblings = futures
         self._queue.extend(items)
         self._wakeup.set()
-        futures = [item.future for item in items]
         try:
             done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
             failed = [f for f in futures if f in done and not f.cancelled() and f.exception() is not None]
@@ -134,7 +138,7 @@ class Batcher(Generic[T]):
         if item.future.done():  # cancelled by a caller that went away (or a failed sibling)
             return False
         if now > item.deadline:
-            item.future.set_exception(DeadlineExceeded("the request waited past its deadline"))
+            _settle(item, DeadlineExceeded("the request waited past its deadline"))
             return False
         return True
 
@@ -192,13 +196,17 @@ class Batcher(Generic[T]):
                 except Exception as exc:  # noqa: BLE001 - handed to the caller as its own error
                     outcomes.append((item, exc))
         for item, outcome in outcomes:
-            item.future.get_loop().call_soon_threadsafe(_settle, item.future, outcome)
+            item.future.get_loop().call_soon_threadsafe(_settle, item, outcome)
 
 
-def _settle(future: asyncio.Future, outcome: Any) -> None:
-    if future.done():
+def _settle(item: _Item, outcome: Any) -> None:
+    """On the event loop: hand a row its outcome. A failed row cancels its request's other rows at
+    once, so the batch loop never takes them afterwards."""
+    if item.future.done():
         return
     if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
+        item.future.set_exception(outcome)
+        for sibling in item.siblings:
+            sibling.cancel()
     else:
-        future.set_result(outcome)
+        item.future.set_result(outcome)

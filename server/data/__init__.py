@@ -1,4 +1,5 @@
-"""Task specifications and (in the learning issue) readers for the offline data sets."""
+"""What tasks are and where their data comes from: `TaskSpec` (template, labels, description,
+scoring), the BIG-bench / VADER fetcher and readers, the task catalog and seeded splits."""
 
 from server.data.spec import TaskSpec
 

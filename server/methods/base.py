@@ -75,6 +75,9 @@ class Method(nn.Module):
     """True when the method needs per-layer form-module states (IP)."""
     wants_features: ClassVar[bool] = False
     """True when `extra_loss` needs the pooled feature-site state (PHA's retriever)."""
+    peft_type: ClassVar[str | None] = None
+    """The HF PEFT adapter type whose checkpoints are exactly this method's tasks (prompt tuning:
+    `PROMPT_TUNING`), for comparisons and import/export; None where PEFT has no counterpart."""
 
     def __init__(self, dims: BackboneDims, config: Any = None, embedding: Tensor | None = None) -> None:
         """Every method takes the backbone dims, its typed config (None = defaults) and, for

@@ -69,6 +69,14 @@ def method_ids(*, trainable: bool = False) -> list[str]:
     return [m for m, entry in REGISTRY.items() if entry.recipe.trains or not trainable]
 
 
+def method_for_peft(peft_type: str) -> str:
+    """The registered method whose tasks are HF PEFT adapters of `peft_type` (e.g. PROMPT_TUNING)."""
+    for method_id, entry in REGISTRY.items():
+        if entry.module.peft_type == peft_type:
+            return method_id
+    raise InvalidRequest(f"peft_type: no registered method serves PEFT {peft_type} adapters")
+
+
 def load_plugins(names: Iterable[str] = ()) -> list[str]:
     """Import plugin modules (`names`, then the `taskserve.methods` entry points) so their methods
     register; idempotent. Returns the modules imported."""

@@ -38,3 +38,23 @@ def test_untouched_rows_keep_identity() -> None:
     assert adapter.slot.tolist() == [1, 0, 0]
     out = adapter(torch.ones(3, 2, 4))
     assert torch.all(out[1:] == 0) and torch.all(out[0] == 16)  # ReLU(4·1 + 1) = 5 per unit; 3·5 + 1
+
+
+def test_adapters_of_different_bottlenecks_share_a_site_exactly() -> None:
+    """Two methods may write adapters of different widths on one FFN site (e.g. PHA's and a
+    plugin's): each row gets exactly its own writer's A(x), rows nobody wrote get 0."""
+    torch.manual_seed(0)
+    d = 6
+    ctx = BatchContext(4, d, 1, torch.device("cpu"), torch.float32)
+    tables = {}
+    for rows, width in (([0, 2], 2), ([1], 5)):
+        down, down_bias, up, up_bias = torch.randn(1, 1, d, width), torch.randn(1, 1, width), torch.randn(1, 1, width, d), torch.randn(1, 1, d)
+        ctx.add_adapters([0], torch.tensor(rows), torch.zeros(len(rows), dtype=torch.long), down, down_bias, up, up_bias)
+        tables[tuple(rows)] = (down[0, 0], down_bias[0, 0], up[0, 0], up_bias[0, 0])
+    x = torch.randn(4, 3, d)  # [batch, seq, d]
+    out = ctx.assemble().adapters[0](x)
+    for rows, (down, down_bias, up, up_bias) in tables.items():
+        for r in rows:
+            want = torch.relu(x[r] @ down + down_bias) @ up + up_bias
+            assert torch.allclose(out[r], want, atol=1e-6)
+    assert torch.equal(out[3], torch.zeros(3, d))

@@ -26,6 +26,7 @@ class PromptTuning(Method):
     method_id = "prompt_tuning"
     config_class = PromptConfig
     config: PromptConfig
+    peft_type = "PROMPT_TUNING"
 
     def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
         if "prompt" in init:  # an explicit prompt, e.g. imported from a PEFT checkpoint

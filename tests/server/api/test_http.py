@@ -221,3 +221,28 @@ def test_200_concurrent_requests_over_all_five_methods_equal_solo(server) -> Non
     rows = [{"task": names[i % len(names)], "text": f"review {i}: " + "good " * (i % 7)} for i in range(200)]
     answers = assert_concurrent_equals_solo(url, rows)
     assert len({a["task"] for a in answers}) == 10
+
+
+def _batches_run(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("taskserve_batch_rows_count"):
+            return float(line.split()[-1])
+    raise AssertionError("no taskserve_batch_rows_count in /metrics")
+
+
+def test_a_multi_row_request_with_a_bad_row_fails_before_any_row_runs(server) -> None:
+    url, _, _ = server
+    good = {"task": "sent-ip", "text": "fine"}
+    before = _batches_run(url)
+    error(httpx.post(f"{url}/v1/predict", json={"inputs": [good, {"task": "missing", "text": "x"}, good]}), 404, "not_found")
+    error(httpx.post(f"{url}/v1/predict", json={"inputs": [good, {"task": "sent-ip", "text": "x" * 1000}]}), 413, "input_too_long")
+    assert _batches_run(url) == before  # every row was checked before any was queued
+    assert httpx.post(f"{url}/v1/predict", json={"inputs": [good, good]}).status_code == 200
+    assert _batches_run(url) > before
+
+
+def test_queue_time_is_observed(server) -> None:
+    url, _, _ = server
+    assert httpx.post(f"{url}/v1/predict", json={"task": "sent-ip", "text": "fine"}).status_code == 200
+    counts = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("taskserve_queue_seconds_count")]
+    assert counts and float(counts[0].split()[-1]) >= 1

@@ -1,0 +1,1 @@
+"""Method plugins defined only in the tests (loaded through TASKSERVE_PLUGINS)."""

@@ -1,0 +1,48 @@
+"""Typed configs: every field documented, validation that names the field (ValueError), mapped to
+a 422 where user input becomes a config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from server.batcher import BatcherConfig
+from server.configs import field_docs
+from server.creation import TaskCreate, TrainOptions
+from server.engine import EngineConfig
+from server.errors import InvalidRequest
+from server.methods import REGISTRY, BackboneDims
+from server.training.trainer import TrainConfig
+
+CONFIGS = [entry.module.config_class for entry in REGISTRY.values()] + [TrainConfig, EngineConfig, BatcherConfig, BackboneDims]
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_field_has_a_docstring(cls) -> None:
+    undocumented = [name for name, doc in field_docs(cls).items() if not doc]
+    assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [(REGISTRY["prompt_tuning"].module.config_class, "n_virtual", 0), (REGISTRY["attempt"].module.config_class, "bottleneck", 0),
+     (REGISTRY["pha"].module.config_class, "temperature", 0.0), (REGISTRY["ip"].module.config_class, "task_dim", -1),
+     (REGISTRY["tpv"].module.config_class, "default_origin", ""), (TrainConfig, "steps", 0), (TrainConfig, "warmup_ratio", 1.5),
+     (EngineConfig, "max_input_tokens", 0), (BatcherConfig, "max_queue", 0)],
+)
+def test_validation_names_the_field(cls, field: str, value) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        cls(**{field: value})
+
+
+def test_configs_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().steps = 3  # type: ignore[misc]
+
+
+def test_a_train_config_refused_from_a_request_is_a_422_naming_the_field() -> None:
+    body = TaskCreate.model_construct(name="t", method="prompt_tuning", train=TrainOptions.model_construct(steps=0, batch_size=8, lr=None, prompt_lr=None, seed=0))
+    with pytest.raises(InvalidRequest, match="train.steps") as info:
+        body.train_config()
+    assert info.value.status == 422
