@@ -105,7 +105,9 @@ class Registry:
                 task = TaskRow(name=name, method=method)
                 s.add(task)
             elif task.method != method:
-                raise Conflict(f"task {name!r} exists with method {task.method!r}")
+                if task.current_version is not None:
+                    raise Conflict(f"task {name!r} exists with method {task.method!r}")
+                task.method = method  # a reservation whose job published another method's task (the zero-shot guard)
             if s.get(VersionRow, (name, version)) is None:
                 s.add(VersionRow(task=name, version=version, path=path, sha256=sha256))
             task.current_version, task.status, task.error = version, "ready", None

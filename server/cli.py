@@ -150,24 +150,32 @@ def _train_config(args: argparse.Namespace):
 
     defaults = TrainConfig()
     return TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr or defaults.lr, prompt_lr=args.prompt_lr or defaults.prompt_lr,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr or defaults.lr, prompt_lr=args.prompt_lr,
         eval_every=args.eval_every or max(10, args.steps // 5), eval_rows=args.val_rows, seed=args.seed,
     )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from server.data import catalog
+    from server.methods import method_ids
+    from server.methods.recipe import served_name
     from server.training.experiments import multitask
 
-    from server.methods import method_ids
-
     names = _task_names(args.tasks, catalog.MIX)
-    _, engine, store, data = _experiment_setup(args, names)
+    settings, engine, store, data = _experiment_setup(args, names)
     methods = method_ids(trainable=True) if args.method == "all" else [args.method]  # registry order: ATTEMPT's sources come first
+    checkpoints = Path(args.checkpoints) if args.checkpoints else settings.store / "checkpoints" / "multitask"
     for method in methods:
-        if args.config:
-            _fresh_module(engine, method, args.config)
-        report = multitask(engine, store, method, names, data, _train_config(args), eval_rows=args.eval_rows, on_progress=_ProgressLine(), publish=not args.no_publish)
+        if args.skip_done and all(store.registry.exists(served_name(n, method)) for n in names):
+            print(f"{method}: its multi-task tasks are published already; skipped", file=sys.stderr)
+            continue
+        overrides = _config_for(method, args.config)
+        if overrides:
+            _fresh_module(engine, method, overrides)
+        report = multitask(engine, store, method, names, data, _train_config(args), eval_rows=args.eval_rows, on_progress=_ProgressLine(),
+                           publish=not args.no_publish, checkpoints=None if args.no_publish else checkpoints)
         print(f"{'task':<18} {'test acc':>9} {'test F1':>8} {'n':>5}")
         for name, metrics in report["tasks"].items():
             test = metrics["test"]
@@ -178,6 +186,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             _write_json(args.out.replace("{method}", method), report)
     store.close()
     return 0
+
+
+def _config_for(method: str, items: list[str]) -> list[str]:
+    """The --config items for `method`: unqualified ones (KEY=VALUE) apply to every method trained,
+    qualified ones (METHOD.KEY=VALUE) to that method only."""
+    out = []
+    for item in items:
+        key = item.partition("=")[0]
+        scope, dot, field = key.rpartition(".")
+        if not dot:
+            out.append(item)
+        elif scope == method:
+            out.append(item[len(scope) + 1 :])
+    return out
 
 
 def _fresh_module(engine, method: str, overrides: list[str]) -> None:
@@ -213,20 +235,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report["zero_shot"] = experiments.zero_shot(engine, data, args.eval_rows)
     report["served"] = experiments.evaluate_served(engine, data, args.eval_rows)
     if args.few_shot:
+        import json
+        from pathlib import Path
+
+        from server.training.trainer import TrainConfig
+
         ks = [int(k) for k in args.few_shot.split(",")]
         seeds = [int(s) for s in args.seeds.split(",")]
         methods = args.methods.split(",")
-        partial = f"{args.out}.partial.jsonl" if args.out else None
+        partial = Path(f"{args.out}.partial.jsonl") if args.out else None
+        earlier = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial and partial.exists() else []
+        request = "catalog" if args.catalog_request else "default"
+        earlier = [r for r in earlier if r.get("request", "catalog") == request]  # a rerun resumes the same sweep
 
-        def log(r: dict) -> None:  # one line per run, and a JSON line per run so a long sweep is never lost
-            print(f"  {r['task']:<16} {r['method']:<14} k={r['k']:<3} seed={r['seed']} acc={r['test']['accuracy']:.3f} ({r['seconds']} s)", file=sys.stderr, flush=True)
+        def log(r: dict) -> None:  # one line per run, and a JSON line per run so a long sweep is never lost (and resumes)
+            print(f"  {r['task']:<16} {r['method']:<14} k={r['k']:<3} seed={r['seed']} acc={r['test']['accuracy']:.3f} {r['chosen']} ({r['seconds']} s)", file=sys.stderr, flush=True)
             if partial:
-                import json
-
-                with open(partial, "a") as f:
+                with partial.open("a") as f:
                     f.write(json.dumps(r, default=str) + "\n")
 
-        report["few_shot"] = experiments.few_shot_transfer(engine, methods, data, ks, seeds, _train_config(args), args.eval_rows, on_result=log)
+        config = TrainConfig.for_job(steps=args.few_shot_steps, batch_size=args.batch_size, lr=args.lr, prompt_lr=args.prompt_lr, seed=args.seed)
+        done = {(r["task"], r["method"], r["k"], r["seed"]) for r in earlier}
+        new = experiments.few_shot_transfer(engine, methods, data, ks, seeds, config, args.eval_rows, on_result=log,
+                                            default_request=not args.catalog_request, folds=args.folds, done=done)
+        report["few_shot"] = earlier + new
         report["few_shot_summary"] = experiments.summarize_few_shot(report["few_shot"])
     methods_served = sorted({m for per in report["served"].values() for m in per})
     print(f"{'task':<18} {'zero-shot':>10} " + " ".join(f"{m:>13}" for m in methods_served))
@@ -371,12 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd, eval_cmd = sub.choices["train"], sub.choices["eval"]
     train_cmd.add_argument("--method", required=True, choices=[*method_ids(trainable=True), "all"], help="a method, or all of them in registry order")
     train_cmd.add_argument("--no-publish", action="store_true", help="report only; publish nothing")
-    train_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="start from a fresh shared module with this config field changed (repeatable)")
+    train_cmd.add_argument("--config", action="append", default=[], metavar="[METHOD.]KEY=VALUE", help="start from a fresh shared module with this config field changed (repeatable; METHOD. limits it to one method)")
+    train_cmd.add_argument("--checkpoints", help="where stages checkpoint; rerunning the same command resumes (default: STORE/checkpoints/multitask)")
+    train_cmd.add_argument("--skip-done", action="store_true", help="skip methods whose <task>-<method> tasks the store holds already (resuming --method all)")
     train_cmd.set_defaults(func=cmd_train)
     eval_cmd.add_argument("--zero-shot", action="store_true", help="also score the backbone alone with the description")
     eval_cmd.add_argument("--few-shot", help="comma-separated k values: few-shot transfer runs on the tasks")
     eval_cmd.add_argument("--seeds", default="0,1,2")
     eval_cmd.add_argument("--methods", default=",".join(method_ids(trainable=True)), help="comma-separated methods for --few-shot (default: every trainable one)")
+    eval_cmd.add_argument("--few-shot-steps", type=int, default=60, help="training steps of each few-shot task (a job's default)")
+    eval_cmd.add_argument("--folds", type=int, default=2, help="cross-validation folds of each few-shot task (a job's default)")
+    eval_cmd.add_argument("--catalog-request", action="store_true", help="pose few-shot tasks with the catalog's template instead of a default request's")
     eval_cmd.set_defaults(func=cmd_eval)
     tasks = sub.add_parser("tasks", help="list / show / create / delete tasks on a running server (TASKSERVE_URL)")
     tasks.add_argument("action", choices=("list", "show", "create", "delete"))

@@ -20,13 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.data.readers import LabeledText
 from server.data.spec import TaskSpec, clean_label
-from server.data.splits import carve_validation
 from server.engine import Engine
 from server.errors import InvalidRequest
 from server.methods import method_ids, recipe_for
 from server.settings import Settings
 from server.task import TASK_NAME, Example, Task
-from server.training.few_shot import few_shot
+from server.training.few_shot import learn
 from server.training.trainer import Progress, TrainConfig
 
 
@@ -45,6 +44,7 @@ class TrainOptions(Strict):
 
     steps: int = Field(default=60, ge=1, le=5000)
     batch_size: int = Field(default=8, ge=1, le=64)
+    folds: int = Field(default=2, ge=0, le=8, description="cross-validation folds choosing the steps (and whether to train at all); 0: train all steps, no selection")
     lr: float | None = Field(default=None, gt=0, le=1)
     prompt_lr: float | None = Field(default=None, gt=0, le=10)
     seed: int = Field(default=0, ge=0)
@@ -73,8 +73,11 @@ class TaskCreate(Strict):
         return value
 
     def spec(self, seq2seq: bool) -> TaskSpec:
-        template = self.template or ("{text}" if seq2seq else "Input: {text}\nAnswer:")
-        return TaskSpec(template=template, labels=tuple(self.labels or ()), description=self.description, scoring=self.scoring)
+        """The task's spec; without a template, the default one, which carries the description."""
+        labels = tuple(self.labels or ())
+        if self.template is None:
+            return TaskSpec.default(self.description, labels, seq2seq=seq2seq, scoring=self.scoring)
+        return TaskSpec(template=self.template, labels=labels, description=self.description, scoring=self.scoring)
 
     def training_rows(self, spec: TaskSpec) -> list[LabeledText]:
         """(text, label or target text) per example; InvalidRequest names the bad one."""
@@ -91,12 +94,9 @@ class TaskCreate(Strict):
         return rows
 
     def train_config(self) -> TrainConfig:
-        defaults, t = TrainConfig(), self.train
+        t = self.train
         try:
-            return TrainConfig(
-                steps=t.steps, batch_size=t.batch_size, lr=t.lr or defaults.lr, prompt_lr=t.prompt_lr or defaults.prompt_lr,
-                eval_every=max(10, t.steps // 4), checkpoint_every=max(10, t.steps // 10), seed=t.seed,
-            )
+            return TrainConfig.for_job(steps=t.steps, batch_size=t.batch_size, lr=t.lr, prompt_lr=t.prompt_lr, seed=t.seed)
         except ValueError as exc:
             raise InvalidRequest(f"train.{exc}") from None
 
@@ -150,28 +150,29 @@ def train_job(
     creation: Creation,
     engine: Engine,
     *,
-    on_progress: Callable[[Progress], None] | None = None,
-    checkpoint: Path | None = None,
+    on_progress: Callable[[str, Progress], None] | None = None,
+    checkpoints: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Task, dict[str, Any]]:
-    """Train an accepted job's task (validation rows carved from its examples); returns the task
-    (host tensors, not yet published) and the metrics its job and manifest record."""
+    """Train an accepted job's task (`training.few_shot.learn`: selection by cross-validation over
+    the examples, the zero-shot guard); returns the task to publish (host tensors) and the metrics
+    its job and manifest record — what the selection weighed, what it chose and why."""
     body = creation.body
-    train_part, validation_part = carve_validation(creation.rows or [], seed=body.train.seed)
-    train_rows = [Example(body.name, r.text, r.label) for r in train_part]
-    validation_rows = [Example(body.name, r.text, r.label) for r in validation_part]
+    rows = [Example(body.name, r.text, r.label) for r in creation.rows or []]
     started = time.monotonic()
-    task, result, notes = few_shot(
-        engine, body.name, body.method, creation.spec, train_rows, validation_rows, creation.init, body.train_config(),
-        on_progress=on_progress, checkpoint=checkpoint, should_stop=should_stop,
+    learned = learn(
+        engine, body.name, body.method, creation.spec, rows, creation.init, body.train_config(),
+        folds=body.train.folds, on_progress=on_progress, checkpoints=checkpoints, should_stop=should_stop,
     )
     metrics = {
-        "train_examples": len(train_rows),
-        "validation_examples": len(validation_rows),
-        "validation": result.validation.get(body.name),
-        "best_step": result.best_step,
-        "steps": result.steps,
+        "examples": len(rows),
+        "folds": learned.folds,
+        "chosen": learned.chosen,
+        "method": learned.task.method,
+        "steps_trained": learned.steps,
+        "validation": learned.validation,
+        "selection": learned.selection,
         "seconds": round(time.monotonic() - started, 1),
-        **({"notes": notes} if notes else {}),
+        **({"notes": learned.notes} if learned.notes else {}),
     }
-    return task, metrics
+    return learned.task, metrics

@@ -33,6 +33,7 @@ from server.backbone import Backbone
 from server.data.spec import TaskSpec
 from server.errors import Conflict, Incompatible, InvalidRequest, NotFound
 from server.methods import Method, method_class
+from server.methods.base import Vocabulary
 from server.task import Task
 
 ModuleKey = tuple[str, int]  # (method id, shared-module version)
@@ -68,6 +69,8 @@ class TaskTable(Mapping[str, Task]):
         self._tasks: dict[str, Task] = {}
         self._resident: OrderedDict[str, LoadedTask] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
+        self.vocab = Vocabulary(backbone.embedding.weight, lambda text: list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        """What methods may use of the vocabulary when they make a task."""
 
     # ---- the mapping (host copies) ---------------------------------------------------------------
     def __getitem__(self, name: str) -> Task:
@@ -143,7 +146,7 @@ class TaskTable(Mapping[str, Task]):
         if m.uses_form and not self.can_form:
             raise InvalidRequest(f"method: {method} on this backbone needs a form module (TASKSERVE_FORM_MODULE)")
         generator = torch.Generator().manual_seed(seed)
-        params, meta = m.init_task(spec, self.backbone.embedding.weight, generator, init or {})
+        params, meta = m.init_task(spec, self.vocab, generator, init or {})
         return Task(name=name, method=method, spec=spec, params=params, version=version, meta=meta, module_version=self.versions[method])
 
     def add(self, task: Task) -> None:

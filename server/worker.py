@@ -12,6 +12,7 @@ killed worker leaves no half-made task.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -80,9 +81,7 @@ class Worker:
         attach(self.store, self.engine)  # current shared modules and peers (TPV's and PHA's inits use them)
         accepted = creation.prepare(TaskCreate.model_validate(job["request"]), self.engine, self.settings)
         lease = _Lease(self, job["id"])
-        task, metrics = creation.train_job(
-            accepted, self.engine, on_progress=lease.progress, checkpoint=self._job_dir(job["id"]) / "checkpoint.pt", should_stop=lease.cancelled,
-        )
+        task, metrics = creation.train_job(accepted, self.engine, on_progress=lease.progress, checkpoints=self._job_dir(job["id"]), should_stop=lease.cancelled)
         if lease.cancelled():
             raise Cancelled("training was cancelled")
         task.version = self.store.registry.next_version(task.name)
@@ -101,12 +100,12 @@ class _Lease:
         self._last, self._status = 0.0, "running"
         self._interval = min(2.0, worker.settings.worker_lease_s / 4)
 
-    def progress(self, p: Progress) -> None:
+    def progress(self, phase: str, p: Progress) -> None:
         now = time.monotonic()
         if now - self._last < self._interval and p.step != p.total and p.metrics is None:
             return
         self._last = now
-        payload = {"step": p.step, "total": p.total, "loss": round(p.loss, 5), **(p.metrics or {})}
+        payload = {"phase": phase, "step": p.step, "total": p.total, "loss": None if math.isnan(p.loss) else round(p.loss, 5), **(p.metrics or {})}
         self._status = self.worker.store.registry.renew_job(self.job_id, self.worker.name, self.worker.settings.worker_lease_s, payload)
 
     def cancelled(self) -> bool:

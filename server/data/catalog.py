@@ -174,6 +174,9 @@ HELD_OUT: tuple[CatalogTask, ...] = (
 
 CATALOG: dict[str, CatalogTask] = {task.name: task for task in MIX + HELD_OUT}
 
+DESCRIBED = "{{description}}\n{template}"
+"""How a task's template carries its description (IP's sample modification m = s + x, for every method)."""
+
 
 def get(name: str) -> CatalogTask:
     try:
@@ -183,11 +186,13 @@ def get(name: str) -> CatalogTask:
 
 
 def spec(task: CatalogTask) -> TaskSpec:
-    """The serving spec of a catalog task (its labels are the verbalizer words; how a word is
-    scored on each backbone kind is `Backbone.label_ids`)."""
+    """The serving spec of a catalog task: the description on its own line, then the task's
+    template — every method sees the description, as a user who gives one expects (and as the
+    default template of `POST /v1/tasks` has it). Its labels are the verbalizer words; how a word
+    is scored on each backbone kind is `Backbone.label_ids`."""
     extra = {"source": task.source, "attribution": ATTRIBUTION[task.kind]}
     return TaskSpec(
-        template=task.template, labels=task.labels, description=task.description,
+        template=DESCRIBED.format(template=task.template), labels=task.labels, description=task.description,
         scoring=task.scoring, metric=task.metric, extra=extra,
     )
 

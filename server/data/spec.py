@@ -60,6 +60,16 @@ class TaskSpec:
     def is_classification(self) -> bool:
         return bool(self.labels)
 
+    @classmethod
+    def default(cls, description: str = "", labels: tuple[str, ...] = (), *, seq2seq: bool, scoring: Scoring = "first") -> TaskSpec:
+        """The spec of a task created with only a description and labels (`POST /v1/tasks` without a
+        template): the description on its own line before the input, so every method sees it."""
+        if seq2seq:
+            template = "{description}\n{text}" if description else "{text}"
+        else:
+            template = "{description}\nInput: {text}\nAnswer:" if description else "Input: {text}\nAnswer:"
+        return cls(template=template, labels=labels, description=description, scoring=scoring)
+
     def render(self, text: str, *, with_description: bool = False) -> str:
         """The backbone input for `text`. `with_description` prepends the description when the
         template does not place it itself (IP's sample modification m = s + x, seed 000 §3.2)."""

@@ -131,3 +131,21 @@ def carve_validation(
     rng.shuffle(train)
     rng.shuffle(validation)
     return train, validation
+
+
+def folds(examples: Iterable[LabeledText], n: int, seed: int) -> list[list[LabeledText]]:
+    """The examples dealt into `n` stratified folds for cross-validation: every label spread as
+    evenly as it goes (the deal rotates across labels, so fold sizes differ by at most one);
+    seeded and independent of the input order. Duplicates count once."""
+    if n < 2:
+        raise InvalidRequest(f"folds: at least 2, got {n}")
+    rng = random.Random(seed)
+    out: list[list[LabeledText]] = [[] for _ in range(n)]
+    dealt = 0
+    for group in _by_label(examples, rng).values():
+        for example in group:
+            out[dealt % n].append(example)
+            dealt += 1
+    for fold in out:
+        rng.shuffle(fold)
+    return out

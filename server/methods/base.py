@@ -16,6 +16,7 @@ names a method: it asks the registry, or the method itself, through this contrac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +50,16 @@ class BackboneDims:
     def n_ffns(self) -> int:
         """Every FFN site, encoder ones first (the site index of `BatchContext.add_adapters`)."""
         return self.n_encoder_ffns + self.n_decoder_ffns
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The backbone's input vocabulary as a method may use it to make a task: the embedding table
+    (read only) and the tokenizer."""
+
+    embedding: Tensor  # [vocab, d]
+    encode: Callable[[str], list[int]]
+    """Text -> token ids (no special tokens)."""
 
 
 @dataclass
@@ -86,9 +97,9 @@ class Method(nn.Module):
         self.dims = dims
         self.config = config if config is not None else self.config_class()
 
-    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
-        """Fresh per-task parameters and meta for a new task. `embedding` [vocab, d] is the
-        backbone's input embedding table (read only, for vocabulary-sampled inits)."""
+    def init_task(self, spec: TaskSpec, vocab: Vocabulary, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+        """Fresh per-task parameters and meta for a new task; `vocab` gives the backbone's embedding
+        table and tokenizer (for prompts sampled from the vocabulary or made from the description)."""
         if init:
             raise InvalidRequest(f"init: method {self.method_id} takes no init options, got {sorted(init)}")
         return nn.ParameterDict(), {}

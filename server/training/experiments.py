@@ -20,13 +20,13 @@ from adapters_store.store import Store
 from server.data import catalog
 from server.data.readers import LabeledText
 from server.data.spec import TaskSpec
-from server.data.splits import carve_validation, few_shot as sample_few_shot, split
+from server.data.splits import few_shot as sample_few_shot, split
 from server.engine import Engine
 from server.methods import PLAIN, recipe_for
 from server.methods.recipe import served_name
 from server.task import Example
 from server.training.evaluate import evaluate
-from server.training.few_shot import few_shot, frozen_copy
+from server.training.few_shot import frozen_copy, learn
 from server.training.trainer import Progress, TrainConfig, train
 from server.training.workbench import Workbench
 
@@ -64,9 +64,13 @@ def multitask(
     eval_rows: int = 300,
     on_progress: ProgressFn | None = None,
     publish: bool = True,
+    checkpoints: Path | None = None,
 ) -> dict[str, Any]:
     """Train `method` on the tasks jointly; publish the shared module (a new version, when it
-    trained) and the tasks with their test metrics. Returns the per-task report."""
+    trained) and the tasks with their test metrics. Returns the per-task report. With
+    `checkpoints` (a folder) every stage checkpoints there and a rerun of the same command resumes
+    where the last one stopped (the plan is seeded, so it is rebuilt identically); the folder is
+    removed once everything is published."""
     plan = recipe_for(method).multitask(Workbench(engine), {n: data[n].spec for n in names}, config.seed)
     version = engine.tasks.versions[method]
     if plan.trains_shared:  # tasks are served with the version about to be published
@@ -82,7 +86,8 @@ def multitask(
         rows = {t.name: [dataclasses.replace(e, task=t.name) for e in data[stage.data_of(t.name)].train] for t in stage.tasks}
         validation = {t.name: [dataclasses.replace(e, task=t.name) for e in data[stage.data_of(t.name)].validation] for t in stage.tasks}
         progress = (lambda p, s=stage.name: on_progress(s, p)) if on_progress else None
-        result = train(engine, stage.tasks, rows, validation, stage.trainables, config, progress)
+        checkpoint = checkpoints / f"{method}-{stage.name}.pt" if checkpoints else None
+        result = train(engine, stage.tasks, rows, validation, stage.trainables, config, progress, checkpoint)
         history[stage.name] = {"best_step": result.best_step, "best_val_accuracy": result.best_score, "history": result.history}
         if stage.finish is not None:
             stage.finish()
@@ -103,16 +108,18 @@ def multitask(
             frozen.version = store.registry.next_version(frozen.name)
             store.publish(frozen, engine.backbone.fingerprint, {"trained_with": method, **report["tasks"][task.name]})
         report["module_version"] = version
+        if checkpoints:
+            for stage in plan.stages:
+                (checkpoints / f"{method}-{stage.name}.pt").unlink(missing_ok=True)
     return report
 
 
 def zero_shot(engine: Engine, data: dict[str, TaskData], eval_rows: int = 300) -> dict[str, dict[str, float]]:
     """The frozen backbone alone: rank classification with the task's description before its
-    template (the seeds' zero-shot baseline), through the engine (a plain task)."""
+    template (the seeds' zero-shot baseline; catalog specs carry it), through the engine (a plain task)."""
     out = {}
     for name, task_data in data.items():
-        spec = dataclasses.replace(task_data.spec, template=f"{task_data.spec.description}\n{task_data.spec.template}")
-        with engine.tasks.temporary(engine.tasks.new(f"zero-shot.{name}"[:64], PLAIN, spec)) as probe:
+        with engine.tasks.temporary(engine.tasks.new(f"zero-shot.{name}"[:64], PLAIN, task_data.spec)) as probe:
             out[name] = evaluate(engine, [dataclasses.replace(e, task=probe.name) for e in task_data.test[:eval_rows]])
     return out
 
@@ -137,25 +144,36 @@ def few_shot_transfer(
     config: TrainConfig,
     eval_rows: int = 300,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    default_request: bool = True,
+    folds: int = 2,
+    done: set[tuple[str, str, int, int]] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """For each held-out task, method, k and seed: a new task from k label-balanced training rows
-    (validation carved from them, as a job would), trained with the method's few-shot recipe on
-    top of whatever shared modules and tasks the engine holds, then scored on the test rows."""
+    """For each held-out task, method, k and seed: a new task from k label-balanced training rows,
+    made exactly as a job makes it (`few_shot.learn`: the recipe's start, selection by
+    cross-validation, the zero-shot guard) on top of whatever shared modules and tasks the engine
+    holds, then scored on the test rows. `default_request`: the task is posed as a user's default
+    request would pose it (description + labels, the default template and scoring) rather than
+    with the catalog's template. Runs in `done` ((task, method, k, seed)) are skipped (resuming)."""
     results = []
     for name, task_data in data.items():
         pool = [LabeledText(e.text, e.target) for e in task_data.train]
+        spec = TaskSpec.default(task_data.spec.description, task_data.spec.labels, seq2seq=engine.backbone.is_encoder_decoder) if default_request else task_data.spec
         for method in methods:
             for k in ks:
                 for seed in seeds:
-                    shots = sample_few_shot(pool, k, seed)
-                    train_part, validation_part = carve_validation(shots, seed)
-                    rows = [Example(name, e.text, e.label) for e in train_part]
-                    held = [Example(name, e.text, e.label) for e in validation_part]
+                    if (name, method, k, seed) in done:
+                        continue
+                    rows = [Example(name, e.text, e.label) for e in sample_few_shot(pool, k, seed)]
                     started = time.monotonic()
-                    task, result, notes = few_shot(engine, f"fs-{method}-{k}-{seed}-{name}"[:60], method, task_data.spec, rows, held, {}, dataclasses.replace(config, seed=seed))
-                    with engine.tasks.temporary(task):
-                        test = evaluate(engine, [dataclasses.replace(e, task=task.name) for e in task_data.test[:eval_rows]])
-                    record = {"task": name, "method": method, "k": k, "seed": seed, "test": test, "seconds": round(time.monotonic() - started, 1), "notes": notes}
+                    learned = learn(engine, f"fs-{method}-{k}-{seed}-{name}"[:60], method, spec, rows, {}, dataclasses.replace(config, seed=seed), folds=folds)
+                    with engine.tasks.temporary(learned.task):
+                        test = evaluate(engine, [dataclasses.replace(e, task=learned.task.name) for e in task_data.test[:eval_rows]])
+                    record = {
+                        "task": name, "method": method, "k": k, "seed": seed, "test": test, "seconds": round(time.monotonic() - started, 1),
+                        "chosen": learned.chosen, "published_method": learned.task.method, "steps_trained": learned.steps,
+                        "selection": learned.selection, "notes": learned.notes, "request": "default" if default_request else "catalog",
+                    }
                     results.append(record)
                     if on_result:
                         on_result(record)

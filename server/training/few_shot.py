@@ -1,22 +1,48 @@
-"""Few-shot task creation: a new task from k examples with its method's recipe and the one
-trainer. The task trains under a scratch name no client can ask for and is never visible until
-the caller publishes it; nothing shared is written, so no other task changes."""
+"""Few-shot task creation: a new task from k examples with its method's recipe and the one trainer.
+
+`learn` is what a job runs (and what `taskserve eval --few-shot` measures):
+1. the recipe makes the task's *start* from the examples (a TEXT-initialised prompt, the best
+   fitting TPV sources, the retrieved PHA prototypes, a copy of IP's nets);
+2. **selection by cross-validation**: the examples are dealt into `folds` stratified folds; for each,
+   a copy of the start trains on the other folds and is scored on the held-out one at step 0 and
+   every `eval_every` steps. Summed over the folds every example is held out once, so each
+   candidate number of steps gets an accuracy (ties: the gold label's cross-entropy, `misfit`)
+   over all k examples — far steadier than one carved validation set of k/4 rows;
+3. **the zero-shot guard**: the same held-out rows score the untrained start (step 0) and the tasks
+   other methods make from the description alone (the plain backbone, IP with a form module);
+4. the best candidate is published: a final fit on all examples replaying the chosen number of
+   steps of the schedule, or — when training does not beat them — the start, or the best
+   description-only task (the job's notes say which and why).
+The task trains under a scratch name no client can ask for and is never visible until the caller
+publishes it; nothing shared is written, so no other task changes.
+
+`few_shot` is the building block without selection: train on given rows, keep the best step on
+given validation rows.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from server.data.readers import LabeledText
 from server.data.spec import TaskSpec
+from server.data.splits import folds as deal_folds
 from server.engine import Engine
-from server.methods import recipe_for
+from server.errors import TaskservError
+from server.methods import method_ids, recipe_for
 from server.task import Example, Task
+from server.training.evaluate import evaluate
 from server.training.trainer import Progress, TrainConfig, TrainResult, train
 from server.training.workbench import Workbench
+
+START = "start"
 
 
 def few_shot(
@@ -32,9 +58,9 @@ def few_shot(
     checkpoint: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Task, TrainResult, dict[str, Any]]:
-    """Create and train one new task; returns it (host tensors, public name), the training result
-    and the recipe's notes. The engine serves it only while it trains."""
-    scratch = f"{name[:52]}.training"  # never a name a client can ask for while it trains
+    """Create one new task and train it on `train_rows`, keeping the best step on
+    `validation_rows`; returns it (host tensors, public name), the result and the recipe's notes."""
+    scratch = _scratch(name)
     rows = [Example(scratch, e.text, e.target) for e in train_rows]
     recipe = recipe_for(method)
     task, notes = recipe.few_shot(Workbench(engine), scratch, spec, rows, init, config.seed)
@@ -43,6 +69,151 @@ def few_shot(
         result = train(engine, [task], {scratch: rows}, validation, recipe.trainables(task), config, on_progress, checkpoint, should_stop)
     result.validation = {name: metrics for metrics in result.validation.values()}
     return frozen_copy(task, name), result, notes
+
+
+@dataclass
+class Learned:
+    """What `learn` publishes, and what its selection saw."""
+
+    task: Task
+    """The task to publish (host tensors, public name); its method is the request's, or that of
+    the description-only task the guard preferred."""
+    chosen: str
+    """`step N` (trained for N steps), `start` (the untrained start) or `<method> zero-shot`."""
+    steps: int
+    """Steps the published task trained (0 unless a trained step was chosen)."""
+    selection: dict[str, dict[str, float]]
+    """Every candidate's held-out accuracy, misfit (`nll`) and row count, in the order weighed."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    folds: int = 0
+    """Folds of the cross-validation (0: too few examples to hold any out; nothing was weighed)."""
+
+    @property
+    def validation(self) -> dict[str, float]:
+        return self.selection.get(self.chosen, {})
+
+
+def learn(
+    engine: Engine,
+    name: str,
+    method: str,
+    spec: TaskSpec,
+    examples: Sequence[Example],
+    init: dict[str, Any],
+    config: TrainConfig,
+    *,
+    folds: int = 2,
+    guard: bool = True,
+    on_progress: Callable[[str, Progress], None] | None = None,
+    checkpoints: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Learned:
+    """A new task from `examples` with selection by cross-validation and the zero-shot guard (see
+    the module docstring). `on_progress(phase, progress)` sees every step, `progress.step` counting
+    across phases; `checkpoints` (a folder) makes a restarted run resume phase by phase."""
+    scratch = _scratch(name)
+    rows = [Example(scratch, e.text, e.target) for e in examples]
+    recipe = recipe_for(method)
+    start, notes = recipe.few_shot(Workbench(engine), scratch, spec, rows, init, config.seed)
+    parts = _folds(rows, folds, config.seed)
+    total = config.steps * (len(parts) + 1)
+    done_before = 0
+
+    def run(phase: str, task: Task, train_part: list[Example], held: list[Example], **kwargs: Any) -> TrainResult:
+        nonlocal done_before
+        offset = done_before
+
+        def progress(p: Progress) -> None:
+            if on_progress is not None:
+                on_progress(phase, dataclasses.replace(p, step=offset + p.step, total=total))
+
+        checkpoint = checkpoints / f"{phase.replace(' ', '-')}.pt" if checkpoints else None
+        with engine.tasks.temporary(task):
+            result = train(engine, [task], {scratch: train_part}, {scratch: held} if held else {}, recipe.trainables(task), config, progress, checkpoint, should_stop, **kwargs)
+        done_before += result.steps
+        return result
+
+    if not parts:  # too few examples to hold any out: train on all of them, nothing to weigh
+        task = start.on(engine.backbone.device)
+        result = run("train", task, rows, [])
+        return Learned(frozen_copy(task, name), f"step {result.steps}", result.steps, {}, notes)
+
+    curves = []
+    for i, held in enumerate(parts):
+        train_part = [e for j, part in enumerate(parts) if j != i for e in part]
+        curves.append(run(f"fold {i + 1}", start.on(engine.backbone.device), train_part, held, eval_at_start=True).history)
+    selection = _pool(curves)
+    if guard:
+        selection.update(_zero_shot_candidates(engine, method, spec, rows))
+    else:
+        selection = {k: v for k, v in selection.items() if k != START}
+    chosen = max(selection, key=lambda c: (selection[c]["accuracy"], -selection[c]["nll"]))  # the first of equals: less training
+    steps = int(chosen.removeprefix("step ")) if chosen.startswith("step ") else 0
+    total = done_before + steps  # now known: progress ends at step == total
+    if on_progress is not None:
+        on_progress("selected", Progress(done_before, total, math.nan, {"chosen": chosen, **selection[chosen]}))
+    if steps:
+        task = start.on(engine.backbone.device)
+        run("final", task, rows, [], stop_at=steps)
+        published = frozen_copy(task, name)
+    elif chosen == START:
+        published = frozen_copy(start, name)
+        notes["guard"] = "training did not beat the untrained start on the held-out examples: the start is published"
+    else:
+        zero_method = chosen.removesuffix(" zero-shot")
+        published = frozen_copy(engine.tasks.new(name, zero_method, spec), name)
+        notes["guard"] = f"training did not beat the {zero_method} task made from the description alone on the held-out examples: that task is published"
+    return Learned(published, chosen, steps, selection, notes, len(parts))
+
+
+def _scratch(name: str) -> str:
+    return f"{name[:52]}.training"  # never a name a client can ask for while it trains
+
+
+def _folds(rows: list[Example], n: int, seed: int) -> list[list[Example]]:
+    """Stratified folds of the examples, or [] when some training part would lack a label."""
+    labelled = [LabeledText(e.text, e.target) for e in rows]
+    if n < 2 or len(labelled) < 2 * n:
+        return []
+    parts = deal_folds(labelled, n, seed)
+    labels = {e.label for e in labelled}
+    for i in range(n):
+        if {e.label for j, part in enumerate(parts) if j != i for e in part} != labels:
+            return []
+    task = rows[0].task
+    return [[Example(task, e.text, e.label) for e in part] for part in parts]
+
+
+def _pool(curves: list[list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per evaluated step, accuracy and misfit over all held-out rows of all folds (row-weighted)."""
+    steps = sorted({h["step"] for h in curves[0]}.intersection(*({h["step"] for h in c} for c in curves[1:])))
+    pooled = {}
+    for step in steps:
+        points = [next(h for h in curve if h["step"] == step) for curve in curves]
+        n = sum(p["val_rows"] for p in points)
+        pooled[START if step == 0 else f"step {step}"] = {
+            "accuracy": sum(p["val_accuracy"] * p["val_rows"] for p in points) / n,
+            "nll": sum(p["val_loss"] * p["val_rows"] for p in points) / n,
+            "rows": n,
+        }
+    return pooled
+
+
+def _zero_shot_candidates(engine: Engine, method: str, spec: TaskSpec, rows: list[Example]) -> dict[str, dict[str, float]]:
+    """The tasks other methods make from the description alone (`ready_without_training`), scored
+    on every example (each is held out for them: they never trained)."""
+    out = {}
+    for other in method_ids():
+        if other == method or not engine.tasks.method(other).ready_without_training(spec, {}):
+            continue
+        try:
+            probe = engine.tasks.new(f"{rows[0].task[:40]}.{other}-zs"[:64], other, spec)
+        except TaskservError:  # e.g. no form module for IP on this backbone
+            continue
+        with engine.tasks.temporary(probe):
+            metrics = evaluate(engine, [Example(probe.name, e.text, e.target) for e in rows])
+        out[f"{other} zero-shot"] = {"accuracy": metrics["accuracy"], "nll": metrics["nll"], "rows": metrics["n"]}
+    return out
 
 
 def frozen_copy(task: Task, name: str) -> Task:

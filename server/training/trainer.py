@@ -41,8 +41,14 @@ class TrainConfig:
     lr: float = 1e-3
     """Networks (IP nets, PHA hypernetwork, ATTEMPT attention). Seeds 000 and 003 use 3e-4 over
     tens of thousands of steps; our CPU budgets are hundreds of steps, so the default is higher."""
-    prompt_lr: float = 0.3
-    """Soft prompts and task vectors: 0.3 as in Lester et al., ATTEMPT and TPV."""
+    prompt_lr: float | None = None
+    """Soft prompts and task vectors, absolute. None (the default): `prompt_lr_relative` × the RMS
+    of the backbone's embedding entries — Adam moves each entry by about the learning rate per step,
+    so the step is a fixed share of a token embedding's scale on any backbone. (Lester et al., ATTEMPT
+    and TPV use 0.3 on T5; on SmolLM2, whose entries have RMS 0.136, 0.3 made prompt rows grow ~10×
+    beyond any token embedding and collapse to one label.)"""
+    prompt_lr_relative: float = 0.1
+    """The soft-prompt learning rate in units of the embedding RMS, when `prompt_lr` is None."""
     prototype_lr: float = 1e-2
     """A new PHA task's prototype when it trains alone against the frozen hypernetwork (few-shot)."""
     warmup_ratio: float = 0.06
@@ -63,11 +69,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_rows", "checkpoint_every"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("lr", "prompt_lr", "prototype_lr", "max_grad_norm"):
+        for name in ("lr", "prompt_lr_relative", "prototype_lr", "max_grad_norm"):
             require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.prompt_lr is None or self.prompt_lr > 0, "prompt_lr", "must be > 0 or None")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.seed >= 0, "seed", "must be >= 0")
+
+    @classmethod
+    def for_job(cls, *, steps: int = 60, batch_size: int = 8, lr: float | None = None, prompt_lr: float | None = None, seed: int = 0) -> TrainConfig:
+        """What a few-shot job trains with (`POST /v1/tasks`'s train options; also what
+        `taskserve eval --few-shot` measures): six evaluation points for the selection."""
+        return cls(
+            steps=steps, batch_size=batch_size, lr=lr or cls.lr, prompt_lr=prompt_lr,
+            eval_every=max(5, steps // 6), checkpoint_every=max(10, steps // 10), seed=seed,
+        )
+
+    def prompt_lr_for(self, embedding: torch.Tensor) -> float:
+        """The soft-prompt learning rate on a backbone with this input embedding table [vocab, d]."""
+        if self.prompt_lr is not None:
+            return self.prompt_lr
+        return self.prompt_lr_relative * float(embedding.detach().float().pow(2).mean().sqrt())
 
 
 @dataclass
@@ -98,15 +120,22 @@ def train(
     on_progress: Callable[[Progress], None] | None = None,
     checkpoint: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    *,
+    eval_at_start: bool = False,
+    stop_at: int | None = None,
 ) -> TrainResult:
     """Train `trainables` on the tasks' rows (the tasks must be in the engine). On return the
-    parameters hold the best validation step's values and the engine serves them."""
+    parameters hold the best validation step's values (the last step's without validation rows)
+    and the engine serves them. `eval_at_start` validates the untrained start too (step 0 in the
+    history, a candidate for the best step); `stop_at` stops after that many steps of the schedule
+    made for `config.steps` (a final fit that replays a selected prefix of a longer run)."""
     names = [t.name for t in tasks if train_rows.get(t.name)]
     if not names:
         raise InvalidRequest("examples: training needs at least one task with training rows")
+    last = min(config.steps, stop_at) if stop_at is not None else config.steps
     for t in trainables:
         t.param.requires_grad_(True)
-    lrs = {"prompt": config.prompt_lr, "net": config.lr, "prototype": config.prototype_lr}
+    lrs = {"prompt": config.prompt_lr_for(engine.backbone.embedding.weight), "net": config.lr, "prototype": config.prototype_lr}
     groups = [{"params": [t.param for t in trainables if t.kind == kind], "lr": lr} for kind, lr in lrs.items()]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
     warmup = max(1, int(config.warmup_ratio * config.steps))
@@ -114,8 +143,25 @@ def train(
     state = _State(best_score=None, best_step=0, best_values=None, history=[])
     start = _resume(checkpoint, trainables, optimizer, schedule, state) if checkpoint else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.backbone.device.type == "cuda" else contextlib.nullcontext()
+
+    def validate(done: int, loss_value: float) -> dict[str, float]:
+        _refresh(engine, tasks)
+        per_task = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
+        score = sum(m["accuracy"] for m in per_task.values()) / max(1, len(per_task))
+        val_loss = sum(misfit(engine, list(validation_rows[n])[: config.eval_rows], m) for n, m in per_task.items()) / max(1, len(per_task))
+        rows = sum(int(m["n"]) for m in per_task.values())
+        state.history.append({"step": done, "loss": loss_value, "val_accuracy": score, "val_loss": val_loss, "val_rows": rows})
+        # accuracy on a few validation rows ties often: the lower misfit (evaluate.misfit) breaks the tie
+        if state.best_score is None or (score, -val_loss) > (state.best_score, -state.best_loss):
+            state.best_score, state.best_loss, state.best_step = score, val_loss, done
+            state.best_values = [t.param.detach().clone() for t in trainables]
+        return {"val_accuracy": score, "val_loss": val_loss}
+
+    if eval_at_start and validation_rows and start == 0:
+        with torch.no_grad():
+            validate(0, math.nan)
     loss_value = math.nan
-    for step in range(start, config.steps):
+    for step in range(start, last):
         if should_stop is not None and should_stop():
             raise Cancelled("training was cancelled")
         batch = _mixed_batch(train_rows, names, config.batch_size, random.Random(config.seed * 1_000_003 + step))
@@ -129,20 +175,11 @@ def train(
         loss_value = float(loss.detach())
         done = step + 1
         metrics = None
-        if validation_rows and (done % config.eval_every == 0 or done == config.steps):
-            _refresh(engine, tasks)
-            per_task = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
-            score = sum(m["accuracy"] for m in per_task.values()) / max(1, len(per_task))
-            val_loss = sum(misfit(engine, list(validation_rows[n])[: config.eval_rows], m) for n, m in per_task.items()) / max(1, len(per_task))
-            metrics = {"val_accuracy": score, "val_loss": val_loss}
-            state.history.append({"step": done, "loss": loss_value, "val_accuracy": score, "val_loss": val_loss})
-            # accuracy on a few validation rows ties often: the lower misfit (evaluate.misfit) breaks the tie
-            if state.best_score is None or (score, -val_loss) > (state.best_score, -state.best_loss):
-                state.best_score, state.best_loss, state.best_step = score, val_loss, done
-                state.best_values = [t.param.detach().clone() for t in trainables]
+        if validation_rows and (done % config.eval_every == 0 or done == last):
+            metrics = validate(done, loss_value)
         if on_progress is not None:
-            on_progress(Progress(done, config.steps, loss_value, metrics))
-        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
+            on_progress(Progress(done, last, loss_value, metrics))
+        if checkpoint and (done % config.checkpoint_every == 0 or done == last):
             _save(checkpoint, done, trainables, optimizer, schedule, state)
     if state.best_values is not None:
         with torch.no_grad():
@@ -152,7 +189,8 @@ def train(
         t.param.requires_grad_(False)
     _refresh(engine, tasks)
     validation = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
-    return TrainResult(config.steps, state.best_step or config.steps, state.best_score, validation, state.history)
+    best = state.best_step if state.best_values is not None else last
+    return TrainResult(last, best, state.best_score, validation, state.history)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from server.batch import BatchContext
 from server.configs import require
 from server.data.spec import TaskSpec
 from server.methods import Method, RowGroup, register
+from server.methods.base import Vocabulary
 from server.methods.recipe import Recipe
 from server.task import Task
 
@@ -39,7 +40,7 @@ class LastHiddenBias(Method):
     config_class = BiasConfig
     config: BiasConfig
 
-    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+    def init_task(self, spec: TaskSpec, vocab: Vocabulary, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
         bias = torch.randn(self.dims.d_model, generator=generator) * self.config.init_scale
         return nn.ParameterDict({"bias": nn.Parameter(bias)}), {}
 

@@ -3,6 +3,7 @@ multi-task run publishes what a fresh process then serves identically, and evalu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -108,9 +109,12 @@ def test_best_step_is_the_highest_validation_accuracy_then_the_lowest_validation
     assert result.validation["t"]["accuracy"] == best["val_accuracy"]  # the kept parameters are that step's
 
 
-def _trained_tpv(engine, name: str, label: str) -> None:
+UNDESCRIBED = dataclasses.replace(SPEC, description="")  # θ_init is the only start without transfer
+
+
+def _trained_tpv(engine, name: str, label: str, spec: TaskSpec = UNDESCRIBED) -> None:
     """A tpv source that learned to answer `label` (a tiny random model learns the label prior)."""
-    task = engine.tasks.new(name, "tpv", SPEC, seed=0).on(engine.backbone.device)
+    task = engine.tasks.new(name, "tpv", spec, seed=0).on(engine.backbone.device)
     trainables = recipe_for("tpv").trainables(task)
     engine.tasks.add(task)
     train(engine, [task], {name: [Example(name, f"text {i}", label) for i in range(8)]}, {}, trainables, TrainConfig(steps=20, batch_size=8, prompt_lr=0.3))
@@ -122,10 +126,24 @@ def test_tpv_few_shot_starts_from_the_sources_that_fit_the_examples_better_than_
     examples = [Example("new", f"new text {i}", " negative") for i in range(16)]
     _trained_tpv(engine, "fits", " negative")
     _trained_tpv(engine, "opposite", " positive")  # fits the examples worse than θ_init alone
-    _, notes = recipe_for("tpv").few_shot(Workbench(engine), "new", SPEC, examples, {}, seed=0)
+    _, notes = recipe_for("tpv").few_shot(Workbench(engine), "new", UNDESCRIBED, examples, {}, seed=0)
     assert list(notes["init_from"]) == ["fits"] and notes["init_from"]["fits"]["weight"] == pytest.approx(1.0)
 
     engine.tasks.remove("fits")
-    task, notes = recipe_for("tpv").few_shot(Workbench(engine), "new", SPEC, examples, {}, seed=0)
+    task, notes = recipe_for("tpv").few_shot(Workbench(engine), "new", UNDESCRIBED, examples, {}, seed=0)
     assert list(notes["init_from"]) == ["theta_init"]
     assert not task.params["tau"].any()  # no source fits: the prompt starts at θ_init (τ = 0)
+
+
+def test_tpv_few_shot_of_a_described_task_starts_from_the_better_of_theta_init_and_its_description() -> None:
+    engine = make_engine("llama")
+    examples = [Example("new", f"new text {i}", "negative") for i in range(16)]
+    task, notes = recipe_for("tpv").few_shot(Workbench(engine), "new", SPEC, examples, {}, seed=0)
+    starts = notes["starts"]
+    assert set(starts) == {"theta_init", "text"}
+    best = min(starts, key=lambda s: starts[s]["misfit"])
+    assert list(notes["init_from"]) == [best]
+    theta = engine.tasks.method("tpv").theta_init("origin-0").detach().cpu()
+    text_prompt = engine.tasks.new("t", "tpv", SPEC).params["tau"].detach() + theta
+    want = text_prompt if best == "text" else theta
+    assert torch.allclose(task.params["tau"].detach().cpu() + theta, want, atol=1e-6)

@@ -28,14 +28,16 @@ from server.training.trainer import TrainConfig
 from server.worker import Worker
 from serving import save_tiny_models
 
-SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive"), description="Tell me the sentiment of the review:", scoring="sum")
+# the template ends in a space, so the byte-level labels are told apart by their first byte ("n" / "p"):
+# a tiny random model learns any label prior with any method this way
+SPEC = TaskSpec(template="Review: {text}\nSentiment: ", labels=("negative", "positive"), description="Tell me the sentiment of the review:", scoring="first")
 # a task a tiny random model can learn: the first character decides the label
 ROWS = [Example("new", f"{'aaaa' if i % 2 else 'zzzz'} film {i}", " positive" if i % 2 else " negative") for i in range(24)]
 
 
 def body(name: str, method: str, steps: int = 30, **extra) -> dict:
     examples = [{"text": e.text, "label": e.target.strip()} for e in ROWS]
-    return {"name": name, "method": method, "labels": ["negative", "positive"], "template": SPEC.template, "description": SPEC.description, "scoring": "sum",
+    return {"name": name, "method": method, "labels": ["negative", "positive"], "template": SPEC.template, "description": SPEC.description, "scoring": SPEC.scoring,
             "examples": examples, "train": {"steps": steps, "batch_size": 8}, **extra}
 
 
@@ -108,8 +110,8 @@ def test_worker_runs_jobs_for_every_method_and_other_tasks_stay_bit_identical(de
     for method, job_id in jobs.items():
         job = store.registry.get_job(job_id)
         assert job["status"] == "succeeded", job["error"]
-        assert job["progress"]["step"] == job["progress"]["total"] == 12
-        assert job["metrics"]["train_examples"] + job["metrics"]["validation_examples"] == len(ROWS)
+        assert job["progress"]["step"] == job["progress"]["total"] == 2 * 12 + job["metrics"]["steps_trained"]  # two folds, then the final fit
+        assert job["metrics"]["examples"] == len(ROWS) and job["metrics"]["validation"]["rows"] == len(ROWS)
         assert store.registry.get_task(f"new-{method}")["status"] == "ready"
         assert serving.run([Request(f"new-{method}", "aaaa film")])[0].task_version == 1
 

@@ -18,7 +18,9 @@ class AttemptConfig:
     temperature_k: float = 1.0
     """K in the logit scale 1/(d·e^K) (seed 002 uses K = 1)."""
     init_vocab: int = 5000
-    """Prompts are initialised from embeddings of the first `init_vocab` ids."""
+    """Source prompts, and target prompts of undescribed tasks, start as embeddings of the first `init_vocab` ids."""
+    text_init: bool = True
+    """A described task's target prompt starts as the embeddings of its description and labels."""
     seed: int = 0
     """Seed of the source-prompt and attention-module initialisation."""
 

@@ -24,8 +24,8 @@ from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
 from server.methods.attempt.config import AttemptConfig
-from server.methods.base import BackboneDims, Method, RowGroup
-from server.methods.prompts import sample_vocab_rows
+from server.methods.base import BackboneDims, Method, RowGroup, Vocabulary
+from server.methods.prompts import initial_prompt, sample_vocab_rows
 from server.task import Task
 
 
@@ -49,10 +49,11 @@ class Attempt(Method):
         self.norm = nn.LayerNorm(d)
         self.scale = 1.0 / (d * math.exp(c.temperature_k))
 
-    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+    def init_task(self, spec: TaskSpec, vocab: Vocabulary, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
         if init:
             raise InvalidRequest(f"init: attempt takes no init options, got {sorted(init)}")
-        target = sample_vocab_rows(embedding, self.config.n_virtual, generator, self.config.init_vocab)
+        c = self.config
+        target = initial_prompt(vocab, spec, c.n_virtual, generator, text_init=c.text_init, first=c.init_vocab)
         return nn.ParameterDict({"target": nn.Parameter(target)}), {}
 
     def static(self, task: Task) -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
-from server.methods.base import BackboneDims, Method, RowGroup
+from server.methods.base import BackboneDims, Method, RowGroup, Vocabulary
 from server.methods.ip.config import IPConfig
 from server.task import Task
 
@@ -63,7 +63,7 @@ class InspirationalPointer(Method):
             "c2_b": nn.Parameter(torch.zeros(d2)),
         })
 
-    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+    def init_task(self, spec: TaskSpec, vocab: Vocabulary, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
         """init = {} (use the shared nets: ready at once from the description) or
         {"copy_nets": True} (a per-task copy initialised from the shared nets, for fine-tuning)."""
         unknown = set(init) - {"copy_nets"}

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
-from server.methods.base import BackboneDims, Method, RowGroup
+from server.methods.base import BackboneDims, Method, RowGroup, Vocabulary
 from server.methods.pha.config import PHAConfig
 from server.task import Task
 
@@ -73,18 +73,25 @@ class PrototypeHyperAdapter(Method):
             self.enc_up = nn.Parameter(torch.zeros(n_enc, b, d))
             self.enc_up_bias = nn.Parameter(torch.zeros(n_enc, d))
 
-    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
-        """init = {} (a fresh prototype) or {"prototype": [d'] tensor} (e.g. retrieved by eq 10)."""
-        unknown = set(init) - {"prototype"}
+    def init_task(self, spec: TaskSpec, vocab: Vocabulary, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+        """init = {} (a fresh prototype) or {"prototype": [d'] tensor} (e.g. retrieved by eq 10),
+        optionally {"refine": True}: per-task gains g and shifts s on the generated adapters'
+        outputs, A'(x) = (1 + g)∘A(x) + s per decoder FFN site, zero at first (so the task starts
+        as its prototype alone) — for a few-shot task the prototype alone cannot fit."""
+        unknown = set(init) - {"prototype", "refine"}
         if unknown:
-            raise InvalidRequest(f"init: pha takes only 'prototype', got {sorted(unknown)}")
+            raise InvalidRequest(f"init: pha takes 'prototype' and 'refine', got {sorted(unknown)}")
         if "prototype" in init:
             proto = torch.as_tensor(init["prototype"], dtype=torch.float32).detach().clone().cpu()
             if proto.shape != (self.config.proto_dim,):
                 raise InvalidRequest(f"init.prototype: expected shape [{self.config.proto_dim}], got {list(proto.shape)}")
         else:
             proto = torch.randn(self.config.proto_dim, generator=generator)
-        return nn.ParameterDict({"prototype": nn.Parameter(proto)}), {}
+        params = nn.ParameterDict({"prototype": nn.Parameter(proto)})
+        if init.get("refine"):
+            shape = (self.dims.n_decoder_ffns, self.dims.d_model)
+            params["adapter_gain"], params["adapter_shift"] = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
+        return params, {}
 
     def generate(self, prototype: Tensor) -> dict[str, Tensor]:
         """k_i [d'] -> adapters for every decoder FFN site (eq 7)."""
@@ -98,7 +105,12 @@ class PrototypeHyperAdapter(Method):
         }
 
     def static(self, task: Task) -> dict[str, Tensor]:
-        return self.generate(task.params["prototype"].float())
+        adapters = self.generate(task.params["prototype"].float())
+        if "adapter_gain" in task.params:  # (1 + g)∘A(x) + s: scale the up-projection's output channels, shift its bias
+            gain = 1 + task.params["adapter_gain"].float()  # [n, d]
+            adapters["up"] = adapters["up"] * gain.unsqueeze(1)  # [n, b, d]
+            adapters["up_bias"] = adapters["up_bias"] * gain + task.params["adapter_shift"].float()
+        return adapters
 
     def modulate(self, group: RowGroup, ctx: BatchContext) -> None:
         n_enc, n_dec = self.dims.n_encoder_ffns, self.dims.n_decoder_ffns
@@ -112,12 +124,15 @@ class PrototypeHyperAdapter(Method):
         """pooled encoder states [n, d] -> L2-normalised z [n, d']."""
         return nn.functional.normalize(self.retriever(features.float()), dim=-1)
 
-    def retrieve(self, features: Tensor, prototypes: Tensor) -> int:
-        """Eq 10 for a set of examples: the prototype with the highest mean cosine similarity.
-        features [n, d]; prototypes [p, d'] -> index into prototypes."""
+    def similarities(self, features: Tensor, prototypes: Tensor) -> Tensor:
+        """Eq 10's scores for a set of examples: each prototype's mean cosine similarity with the
+        examples' retrieval vectors. features [n, d]; prototypes [p, d'] -> [p]."""
         z = self.retrieval_vectors(features)  # [n, d']
-        scores = z @ nn.functional.normalize(prototypes.float(), dim=-1).T  # [n, p]
-        return int(scores.mean(0).argmax())
+        return (z @ nn.functional.normalize(prototypes.float(), dim=-1).T).mean(0)  # [p]
+
+    def retrieve(self, features: Tensor, prototypes: Tensor) -> int:
+        """Eq 10: the index of the prototype most similar to the examples."""
+        return int(self.similarities(features, prototypes).argmax())
 
     def extra_loss(self, group: RowGroup) -> Tensor | None:
         if group.features is None:
@@ -152,4 +167,4 @@ class PrototypeHyperAdapter(Method):
             + (c.mixed_dim + 1) * adapter
             + dm.n_encoder_ffns * adapter
         )
-        return {"shared": shared, "per_task": dp}
+        return {"shared": shared, "per_task": dp, "per_task_refined": dp + 2 * dm.n_decoder_ffns * d}

@@ -12,7 +12,9 @@ class PromptConfig:
     n_virtual: int = 100
     """Soft prompt length m (seed papers: 100)."""
     init_vocab: int = 5000
-    """Initial rows are sampled from the embeddings of the first `init_vocab` token ids."""
+    """Without a description, initial rows are sampled from the embeddings of the first `init_vocab` token ids."""
+    text_init: bool = True
+    """A described task's prompt starts as the embeddings of its description and labels (PEFT's TEXT init)."""
 
     def __post_init__(self) -> None:
         require(self.n_virtual >= 1, "n_virtual", "must be >= 1")

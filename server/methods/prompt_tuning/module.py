@@ -3,7 +3,8 @@
 max_P p_θ(y | [P; X])  — eq 1 of seed 002 (ATTEMPT restates it). On T5 the prompt goes in front of
 the encoder input; on a decoder-only model in front of the prompt tokens. This matches HF PEFT's
 PROMPT_TUNING exactly (DESIGN.md: PEFT prepends the first n rows of its table to the encoder input
-on seq2seq, the decoder is untouched). Parameters per task: m·d.
+on seq2seq, the decoder is untouched). Parameters per task: m·d. A described task's prompt starts
+as the embeddings of its description and labels (PEFT's TEXT init), else as vocabulary samples.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
-from server.methods.base import Method, RowGroup
+from server.methods.base import Method, RowGroup, Vocabulary
 from server.methods.prompt_tuning.config import PromptConfig
-from server.methods.prompts import add_static_prompts, sample_vocab_rows
+from server.methods.prompts import add_static_prompts, initial_prompt
 from server.task import Task
 
 
@@ -28,7 +29,7 @@ class PromptTuning(Method):
     config: PromptConfig
     peft_type = "PROMPT_TUNING"
 
-    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+    def init_task(self, spec: TaskSpec, vocab: Vocabulary, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
         if "prompt" in init:  # an explicit prompt, e.g. imported from a PEFT checkpoint
             prompt = torch.as_tensor(init["prompt"], dtype=torch.float32)
             if prompt.ndim != 2 or prompt.shape[1] != self.dims.d_model:
@@ -36,7 +37,8 @@ class PromptTuning(Method):
         elif init:
             raise InvalidRequest(f"init: prompt_tuning takes only 'prompt', got {sorted(init)}")
         else:
-            prompt = sample_vocab_rows(embedding, self.config.n_virtual, generator, self.config.init_vocab)
+            c = self.config
+            prompt = initial_prompt(vocab, spec, c.n_virtual, generator, text_init=c.text_init, first=c.init_vocab)
         return nn.ParameterDict({"prompt": nn.Parameter(prompt)}), {}
 
     def ready_without_training(self, spec: TaskSpec, init: dict[str, Any]) -> bool:

@@ -17,6 +17,8 @@ class TPVConfig:
     """Origin id used when a task names none."""
     origin_seed: int = 0
     """Seed of the default origin's θ_init, so every process derives the same one."""
+    text_init: bool = True
+    """A described task's prompt starts at its description's and labels' embeddings (τ = E(text) − θ_init)."""
 
     def __post_init__(self) -> None:
         require(self.n_virtual >= 1, "n_virtual", "must be >= 1")

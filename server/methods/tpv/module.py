@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
 from server.errors import Incompatible, InvalidRequest, NotFound
-from server.methods.base import BackboneDims, Method, RowGroup
-from server.methods.prompts import add_static_prompts, sample_vocab_rows
+from server.methods.base import BackboneDims, Method, RowGroup, Vocabulary
+from server.methods.prompts import add_static_prompts, init_text, sample_vocab_rows, text_rows
 from server.methods.tpv.config import TPVConfig
 from server.task import Task
 
@@ -100,21 +100,27 @@ class TaskPromptVectors(Method):
     def vector(self, task: Task) -> TaskVector:
         return TaskVector(task.meta["origin"], task.params["tau"].detach())
 
-    def init_task(self, spec: TaskSpec, embedding: Tensor, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
-        """init = {} (τ = 0: the prompt starts at θ_init) or {"vectors": [(TaskVector, λ), ...]}
-        (τ = Σ λ_k τ_k, seed 001 eq 7) with an optional {"origin": id}."""
-        unknown = set(init) - {"vectors", "origin"}
+    def init_task(self, spec: TaskSpec, vocab: Vocabulary, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
+        """init = {"vectors": [(TaskVector, λ), ...]} (τ = Σ λ_k τ_k, seed 001 eq 7), else the
+        prompt starts at θ_init (τ = 0) or — for a described task, unless {"start": "theta_init"} —
+        at its description's and labels' embeddings (τ = E(text) − θ_init); optional {"origin": id}."""
+        unknown = set(init) - {"vectors", "origin", "start"}
         if unknown:
-            raise InvalidRequest(f"init: tpv takes 'vectors' and 'origin', got {sorted(unknown)}")
+            raise InvalidRequest(f"init: tpv takes 'vectors', 'origin' and 'start', got {sorted(unknown)}")
+        if init.get("start", "text") not in ("text", "theta_init"):
+            raise InvalidRequest(f"init.start: 'text' or 'theta_init', got {init['start']!r}")
         origin = init.get("origin", self.config.default_origin)
-        theta = self.theta_init(origin)
+        theta = self.theta_init(origin).detach().float().cpu()
+        text = init_text(spec) if self.config.text_init and init.get("start", "text") == "text" else ""
         if init.get("vectors"):
             vector = combine(init["vectors"])
             if vector.origin != origin:
                 raise Incompatible(f"init.vectors have origin {vector.origin!r}, the task asks for {origin!r}")
             tau = vector.tau.detach().float().cpu().clone()
+        elif text:
+            tau = text_rows(vocab, text, theta.shape[0]) - theta
         else:
-            tau = torch.zeros_like(theta, device="cpu")
+            tau = torch.zeros_like(theta)
         return nn.ParameterDict({"tau": nn.Parameter(tau)}), {"origin": origin}
 
     def resolve_init(self, init: dict[str, Any], tasks: dict[str, Task]) -> dict[str, Any]:

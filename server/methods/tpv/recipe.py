@@ -2,9 +2,10 @@
 
 - few-shot: τ starts from a weighted sum of existing task vectors (eq 7) — the ones in
   `init.vectors`, or the `top_k` served tpv tasks of the same origin whose prompts classify the
-  examples better than θ_init alone (lower misfit: the gold label's cross-entropy among the
-  labels), weighted by softmax(−misfit); τ = 0 when none does — then it is prompt-tuned. The job's
-  notes name the sources and their misfits.
+  examples better than the best start without them (lower misfit: the gold label's cross-entropy
+  among the labels), weighted by softmax(−misfit); when none does, from the better of θ_init alone
+  (τ = 0) and, for a described task, its description's embeddings — then it is prompt-tuned. The
+  job's notes name the starts, the sources and their misfits.
 - multi-task: one τ per mix task from θ_init, trained jointly (the base recipe); θ_init is frozen.
 """
 
@@ -33,23 +34,24 @@ class TPVRecipe(Recipe):
         if not init.get("vectors"):
             module = bench.module(self.method_id)
             origin = init.get("origin", module.config.default_origin)
-            fits, baseline = self._rank_by_fit(bench, spec, examples, origin)
-            # only sources that fit the examples better than θ_init alone transfer anything
-            chosen = [(n, m) for n, m in fits if m < baseline][: self.top_k]
-            notes["init_from"] = {"theta_init": {"misfit": round(baseline, 4)}}
+            rows = list(examples[: self.probe_rows])
+            starts = {"theta_init": {"origin": origin, "start": "theta_init"}}
+            if spec.description and module.config.text_init:
+                starts["text"] = {"origin": origin, "start": "text"}
+            probe = "tpv-probe.tmp"
+            base = {s: bench.misfit(bench.new_task(probe, self.method_id, spec, init=i), rows) for s, i in starts.items()}
+            best_start = min(base, key=base.__getitem__)
+            candidates = [t for t in bench.served(self.method_id) if t.meta["origin"] == origin]
+            fits = sorted(((t.name, bench.misfit(dataclasses.replace(t, name=probe, spec=spec), rows)) for t in candidates), key=lambda item: item[1])
+            # only sources that fit the examples better than the best start of their own transfer anything
+            chosen = [(n, m) for n, m in fits if m < base[best_start]][: self.top_k]
+            notes["starts"] = {s: {"misfit": round(m, 4)} for s, m in base.items()}
             if chosen:
                 # weights softmax(−misfit): a source that fits the examples worse contributes less
                 weights = torch.softmax(-torch.tensor([m for _, m in chosen]), dim=0).tolist()
                 init = {**init, "vectors": [(module.vector(bench.task(n)), w) for (n, _), w in zip(chosen, weights)]}
                 notes["init_from"] = {n: {"misfit": round(m, 4), "weight": round(w, 4)} for (n, m), w in zip(chosen, weights)}
+            else:
+                init = {**init, **starts[best_start]}
+                notes["init_from"] = {best_start: {"misfit": round(base[best_start], 4)}}
         return bench.new_task(name, self.method_id, spec, init=init, seed=seed), notes
-
-    @torch.no_grad()
-    def _rank_by_fit(self, bench: Workbench, spec: TaskSpec, examples: Sequence[Example], origin: str) -> tuple[list[tuple[str, float]], float]:
-        """Served tpv tasks of `origin` (current module), best first, by their prompt's misfit on
-        the new examples under the new task's spec; plus the misfit of θ_init alone (τ = 0)."""
-        rows = list(examples[: self.probe_rows])
-        candidates = [t for t in bench.served(self.method_id) if t.meta["origin"] == origin]
-        null = bench.new_task("tpv-probe.tmp", self.method_id, spec, init={"origin": origin})
-        scored = [(t.name, bench.misfit(dataclasses.replace(t, name=null.name, spec=spec), rows)) for t in candidates]
-        return sorted(scored, key=lambda item: item[1]), bench.misfit(null, rows)

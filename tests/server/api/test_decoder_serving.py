@@ -133,7 +133,10 @@ def test_few_shot_job_through_the_embedded_worker(deployment) -> None:
         assert time.monotonic() < deadline, job
         time.sleep(0.2)
     assert job["status"] == "succeeded", job["error"]
-    assert job["metrics"]["validation"]["n"] == 5 and job["progress"]["step"] == 20
+    # selection by 2-fold cross-validation: every example held out once; 2 × 20 fold steps, then the final fit
+    metrics = job["metrics"]
+    assert metrics["folds"] == 2 and metrics["validation"]["rows"] == 20 and metrics["chosen"] in metrics["selection"]
+    assert job["progress"]["step"] == 2 * 20 + metrics["steps_trained"]
     wait_served(url, ["learned"])
     got = httpx.post(f"{url}/v1/predict", json={"task": "learned", "text": "aaaa film"}).json()
     assert got["task_version"] == 1 and got["label"] in ("negative", "positive")

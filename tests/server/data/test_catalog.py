@@ -42,7 +42,8 @@ def test_spec_keeps_the_verbalizer_words_as_labels(task: CatalogTask) -> None:
     (tests/server/test_backbone.py), not part of the label."""
     decoder = spec(task)
     assert decoder.labels == task.labels
-    assert decoder.template == task.template and decoder.description == task.description
+    assert decoder.template == "{description}\n" + task.template and decoder.description == task.description
+    assert decoder.render("Some input.").startswith(task.description + "\n")
     assert decoder.scoring == task.scoring and decoder.extra["source"] == task.source
     assert "Some input." in decoder.render("Some input.")
 

@@ -7,6 +7,7 @@ import torch
 
 from server.data.spec import TaskSpec
 from server.methods import BackboneDims, REGISTRY
+from server.methods.base import Vocabulary
 from server.methods.attempt import Attempt, AttemptConfig
 from server.methods.ip import InspirationalPointer, IPConfig
 from server.methods.pha import PHAConfig, PrototypeHyperAdapter
@@ -26,8 +27,8 @@ def numel(params) -> int:
 
 
 def new_task(method, dims: BackboneDims, **init):
-    embedding = torch.randn(50, dims.d_model)
-    params, _ = method.init_task(SPEC, embedding, torch.Generator().manual_seed(0), init)
+    vocab = Vocabulary(torch.randn(50, dims.d_model), encode=lambda text: [b % 50 for b in text.encode()])
+    params, _ = method.init_task(SPEC, vocab, torch.Generator().manual_seed(0), init)
     return params
 
 
