@@ -15,7 +15,7 @@ ALL_TASKS := movie-sentiment,fever,implicatures,intent,strategyqa,epistemic,wino
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets data test serve demo-store bench clean distclean
+.PHONY: venv assets data test serve demo-store few-shot-table bench clean distclean
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ demo-store: venv assets data
 	$(VENV)/bin/taskserve eval --zero-shot --store $(DEMO_STORE_WORK) --eval-rows 200 --tasks $(ALL_TASKS) --out docs/results/zero-shot.json
 	$(VENV)/bin/taskserve train --method all --steps $(DEMO_STEPS) --eval-every $$(( $(DEMO_STEPS) / 2 )) --val-rows 40 $(DEMO_TRAIN_ARGS) --out 'docs/results/train-{method}.json'
 	rm -rf demo_store && $(VENV)/bin/taskserve store export demo_store --store $(DEMO_STORE_WORK)
+
+# Few-shot jobs with the default request (description + labels + examples) through a server seeded
+# from demo_store/, for every trainable method on the held-out tasks; resumable (TASKS, KS, SEEDS apply).
+few-shot-table: venv assets data
+	bash bench/few_shot_table.sh
 
 bench: venv
 	$(PY) -m bench.run

@@ -92,9 +92,44 @@ def jobs_table(folder: Path) -> str:
     return "\n".join(out) or "(not run)\n"
 
 
+def default_jobs(folder: Path) -> list[dict]:
+    """Every record of `jobs-default*.jsonl` (bench.jobs through a server, the default request)."""
+    records = []
+    for path in sorted(folder.glob("jobs-default*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def default_jobs_table(folder: Path) -> str:
+    """Per held-out task: the description-only baseline, then per method and k the test accuracy
+    over seeds (mean, min–max), what each job published, and the acceptance checks at k = 32:
+    mean ≥ baseline + 5 points, no seed below the baseline, spread ≤ 4 points."""
+    records = default_jobs(folder)
+    if not records:
+        return "(not run)\n"
+    base = {r["task"]: r["test"]["accuracy"] for r in records if r["k"] == 0}
+    jobs = [r for r in records if r["k"] and r.get("test")]
+    lines = ["| task | method | k | seeds | mean | min–max | published (chosen) | mean ≥ base+5 | min ≥ base | spread ≤ 4 |",
+             "|---|---|---:|---:|---:|---|---|---|---|---|"]
+    for task in sorted({r["task"] for r in records}):
+        b = base.get(task)
+        lines.append(f"| {task} | description-only baseline | 0 | – | {b:.3f} | | | | | |" if b is not None else f"| {task} | (no baseline) | | | | | | | | |")
+        for method in METHODS:
+            for k in sorted({r["k"] for r in jobs if r["task"] == task}):
+                accs = [r["test"]["accuracy"] for r in jobs if (r["task"], r["method"], r["k"]) == (task, method, k)]
+                if not accs:
+                    continue
+                chosen = [r["metrics"].get("chosen", "?") for r in jobs if (r["task"], r["method"], r["k"]) == (task, method, k)]
+                mean, lo, hi = statistics.fmean(accs), min(accs), max(accs)
+                checks = ["yes" if ok else "**no**" for ok in (mean >= b + 0.05, lo >= b, hi - lo <= 0.04)] if b is not None else ["", "", ""]
+                lines.append(f"| {task} | {method} | {k} | {len(accs)} | {mean:.3f} | {lo:.3f}–{hi:.3f} | {', '.join(chosen)} | " + " | ".join(checks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     folder = Path((argv or sys.argv[1:] or ["docs/results"])[0])
     print("## Multi-task\n\n" + multitask_table(folder))
+    print("## Few-shot jobs, default request\n\n" + default_jobs_table(folder))
     print("## Few-shot transfer\n\n" + few_shot_table(folder))
     print("## Few-shot jobs through the server\n\n" + jobs_table(folder))
     return 0

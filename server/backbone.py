@@ -179,6 +179,10 @@ class Backbone:
             return self.encode(text)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def decode(self, ids: list[int]) -> str:
+        """Generated token ids -> text (special tokens dropped)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def label_ids(self, label: str, template: str) -> list[int]:
         """A label's token ids as the answer to a prompt made from `template` — the ONE place labels
         are verbalized. On a decoder-only model a label continues the template's cue

@@ -7,7 +7,10 @@ request whose rows do not all fit is refused whole with Overloaded (HTTP 429 wit
 row whose deadline passed, or whose caller went away (its future was cancelled), is dropped before
 it runs. The batch function returns one outcome per row — a result, or that row's own error — so
 one bad row never fails its batch-mates; if the call fails as a whole, its rows are retried one by
-one. A multi-row request fails fast: its first failing row cancels the others, which are dropped
+one. It may also return a `Partial`: rows that are still generating come with a continuation, which
+the loop advances one token at a time, running the next queued batch between two tokens, so a long
+generation never holds other rows behind it for more than one decode step (iteration-level
+scheduling). A multi-row request fails fast: its first failing row cancels the others, which are dropped
 if they have not run yet. `close()` stops admission and drains what is queued and in flight.
 No torch here (house style 4): the engine call is injected, and so is what observes each batch.
 """
@@ -20,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from server.configs import require
 from server.errors import DeadlineExceeded, NotReady, Overloaded
@@ -57,6 +60,24 @@ class BatchStats:
     dropped: int  # rows dropped before running (deadline passed, caller gone)
 
 
+class Continuation(Protocol):
+    """Rows of an executed batch that are still generating."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def advance(self) -> dict[int, Any]:
+        """One more step; the outcomes of the rows (batch positions) that finished with it."""
+
+
+@dataclass
+class Partial:
+    """A batch function's answer when some rows are not finished yet."""
+
+    outcomes: dict[int, Any]  # batch position -> outcome, for the rows finished already
+    rest: Continuation
+
+
 @dataclass
 class _Item(Generic[T]):
     payload: T
@@ -83,6 +104,7 @@ class Batcher(Generic[T]):
         self._task: asyncio.Task | None = None
         self._closing = False
         self._dropped = 0
+        self._active: list[tuple[Continuation, list[_Item[T]]]] = []  # batches still generating (engine thread only)
 
     def start(self) -> None:
         if self._task is None:
@@ -159,44 +181,81 @@ class Batcher(Generic[T]):
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._queue and not self._active:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            first_seen = time.monotonic()
-            while (len(self._queue) < self.config.max_rows and not self._closing
-                   and time.monotonic() - first_seen < self.config.max_wait_ms / 1000):
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), self.config.max_wait_ms / 1000)
-                except TimeoutError:
-                    break
-            batch = self._take_batch()
-            if not batch:
-                continue
-            if self.observe is not None:
-                started = time.monotonic()
-                self.observe(BatchStats(len(batch), [started - item.queued for item in batch], self._dropped))
-                self._dropped = 0
-            await loop.run_in_executor(self._executor, self._run, batch)
+            if self._queue:
+                if not self._active:  # nothing generating: wait a little for the batch to fill
+                    await self._gather()
+                batch = self._take_batch()
+                if batch:
+                    if self.observe is not None:
+                        started = time.monotonic()
+                        self.observe(BatchStats(len(batch), [started - item.queued for item in batch], self._dropped))
+                        self._dropped = 0
+                    await loop.run_in_executor(self._executor, self._run, batch)
+            if self._active:  # one token for every generating batch, then look at the queue again
+                await loop.run_in_executor(self._executor, self._advance)
+
+    async def _gather(self) -> None:
+        first_seen = time.monotonic()
+        while (len(self._queue) < self.config.max_rows and not self._closing
+               and time.monotonic() - first_seen < self.config.max_wait_ms / 1000):
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.config.max_wait_ms / 1000)
+            except TimeoutError:
+                break
 
     def _run(self, batch: list[_Item[T]]) -> None:
         """On the engine thread: run the batch; if the call fails as a whole, run each row alone."""
         try:
-            outcomes = list(zip(batch, self.run_batch([item.payload for item in batch]), strict=True))
+            answer = self.run_batch([item.payload for item in batch])
+            if isinstance(answer, Partial):
+                outcomes = [(batch[i], outcome) for i, outcome in answer.outcomes.items()]
+                self._active.append((answer.rest, batch))
+            else:
+                outcomes = list(zip(batch, answer, strict=True))
         except Exception:
             outcomes = []
             for item in batch:
                 if item.future.done():  # a sibling's failure cancelled it meanwhile: not worth a forward
                     continue
                 try:
-                    outcomes.append((item, self.run_batch([item.payload])[0]))
+                    outcomes.append((item, _finish(self.run_batch([item.payload]))))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller as its own error
                     outcomes.append((item, exc))
         for item, outcome in outcomes:
             item.future.get_loop().call_soon_threadsafe(_settle, item, outcome)
+
+    def _advance(self) -> None:
+        """On the engine thread: one step of every generating batch; settle the rows it finished."""
+        still = []
+        for rest, batch in self._active:
+            try:
+                finished = rest.advance()
+            except Exception as exc:  # noqa: BLE001 - the batch's unfinished rows get its error
+                finished = {i: exc for i, item in enumerate(batch) if not item.future.done()}
+                rest_done = True
+            else:
+                rest_done = rest.done
+            for i, outcome in finished.items():
+                batch[i].future.get_loop().call_soon_threadsafe(_settle, batch[i], outcome)
+            if not rest_done:
+                still.append((rest, batch))
+        self._active = still
+
+
+def _finish(answer: Any) -> Any:
+    """A one-row batch function answer driven to its end (the retry path)."""
+    if not isinstance(answer, Partial):
+        return answer[0]
+    while 0 not in answer.outcomes:
+        answer.outcomes.update(answer.rest.advance())
+    return answer.outcomes[0]
 
 
 def _settle(item: _Item, outcome: Any) -> None:

@@ -150,7 +150,7 @@ def _train_config(args: argparse.Namespace):
 
     defaults = TrainConfig()
     return TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr or defaults.lr, prompt_lr=args.prompt_lr,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr or defaults.lr, prompt_lr=args.prompt_lr, prompt_lr_relative=args.prompt_lr_relative or defaults.prompt_lr_relative,
         eval_every=args.eval_every or max(10, args.steps // 5), eval_rows=args.val_rows, seed=args.seed,
     )
 
@@ -224,6 +224,8 @@ def _fresh_module(engine, method: str, overrides: list[str]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from server.data import catalog
     from server.training import experiments
 
@@ -255,6 +257,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     f.write(json.dumps(r, default=str) + "\n")
 
         config = TrainConfig.for_job(steps=args.few_shot_steps, batch_size=args.batch_size, lr=args.lr, prompt_lr=args.prompt_lr, seed=args.seed)
+        if args.prompt_lr_relative:
+            config = dataclasses.replace(config, prompt_lr_relative=args.prompt_lr_relative)
         done = {(r["task"], r["method"], r["k"], r["seed"]) for r in earlier}
         new = experiments.few_shot_transfer(engine, methods, data, ks, seeds, config, args.eval_rows, on_result=log,
                                             default_request=not args.catalog_request, folds=args.folds, done=done)
@@ -393,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--steps", type=int, default=300)
         cmd.add_argument("--batch-size", type=int, default=8)
         cmd.add_argument("--lr", type=float)
-        cmd.add_argument("--prompt-lr", type=float)
+        cmd.add_argument("--prompt-lr", type=float, help="soft-prompt learning rate, absolute (default: relative to the embedding RMS)")
+        cmd.add_argument("--prompt-lr-relative", type=float, help="soft-prompt learning rate in units of the embedding RMS (default 0.1)")
         cmd.add_argument("--eval-every", type=int)
         cmd.add_argument("--val-rows", type=int, default=100, help="validation rows per task per evaluation")
         cmd.add_argument("--eval-rows", type=int, default=300, help="test rows per task")

@@ -8,7 +8,9 @@ Three verbs (house style 4):
   statics, `TaskTable.pin`), methods fill one BatchContext (prefixes, hidden scales, adapters),
   the runner does the first pass (producing the form states IP reads on the way), then
   rank-classification scores for classification rows and greedy generation for generative rows;
-- `complete(plan, out)`: turn scores and token ids into results.
+- `complete(plan, out)`: turn scores and generations into results.
+Between the first pass and the end of generation a batch can also be held `Running`: the server's
+batcher advances it one token at a time and runs new batches in between.
 `loss(examples)` runs the same path with gradients flowing into method parameters only.
 
 Task bookkeeping (tasks, shared-module versions, device residency) is `self.tasks`, a `TaskTable`.
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from server.backbone import Backbone, FormModule, masked_mean
 from server.batch import BatchContext, pack_rows
 from server.configs import require
+from server.decoding import GREEDY, Decoding, Sampling
 from server.errors import InputTooLong, InvalidRequest, TaskservError
 from server.hooks import ContextHooks
 from server.methods import BackboneDims, Method, RowGroup, method_class
@@ -65,6 +68,15 @@ class Result:
     label: str | None = None
     scores: dict[str, float] | None = None
     """Per-label probability (softmax over the labels' scores under the task's scoring rule)."""
+    finish_reason: str | None = None
+    """Generative rows: `stop` (end of sequence or a stop string) or `length` (max_new_tokens)."""
+    prompt_tokens: int = 0
+    """Tokens of the rendered input (the soft prompt not counted)."""
+    completion_tokens: int = 0
+    """Generated tokens (classification: the chosen label's tokens)."""
+    logprobs: list[dict] | None = None
+    """Generative rows that asked for them: per generated token its text, log-probability and the
+    most likely alternatives."""
 
 
 @dataclass
@@ -86,6 +98,8 @@ class Plan:
     form_texts: list[str]
     max_new: list[int]
     groups: dict[ModuleKey, Group] = field(default_factory=dict)
+    sampling: list[Sampling | None] = field(default_factory=list)
+    sinks: list[Any] = field(default_factory=list)
     loaded: list[LoadedTask] = field(default_factory=list)
     """Filled by `execute`: the resident copies of `tasks` (row by row) the batch ran with."""
 
@@ -93,7 +107,30 @@ class Plan:
 @dataclass
 class Output:
     label_scores: dict[int, Tensor]  # row -> [n_labels] scores under the task's rule
-    generated: dict[int, list[int]]  # row -> token ids
+    gen_rows: list[int] = field(default_factory=list)  # the generative rows, in `decoding`'s order
+    decoding: Decoding | None = None
+
+
+class Running:
+    """A scheduled batch whose generative rows are still decoding. `advance()` generates one more
+    token for each (under no_grad) and returns the finished rows' results by request index —
+    so a caller can run other batches between two tokens (iteration-level scheduling)."""
+
+    def __init__(self, engine: Engine, plan: Plan, out: Output, index: list[int]) -> None:
+        self.engine, self.plan, self.out, self.index = engine, plan, out, index
+
+    @property
+    def done(self) -> bool:
+        return self.out.decoding is None or self.out.decoding.done
+
+    def finished(self) -> dict[int, Result]:
+        """The results ready before any decoding step: classification rows."""
+        return {self.index[row]: self.engine.result(self.plan, self.out, row) for row in self.out.label_scores}
+
+    @torch.no_grad()
+    def advance(self) -> dict[int, Result]:
+        rows = self.out.decoding.advance()
+        return {self.index[self.out.gen_rows[i]]: self.engine.result(self.plan, self.out, self.out.gen_rows[i]) for i in rows}
 
 
 def default_methods(backbone: Backbone, form: FormModule | None, **configs: Any) -> dict[str, nn.Module]:
@@ -153,10 +190,23 @@ class Engine:
     def run_each(self, requests: list[Request]) -> list[Result | TaskservError]:
         """`run`, where a row that cannot be scheduled (unknown task, too long, ...) gets its error
         in its place while the other rows still run together — what a server's batch needs."""
+        outcomes, running = self.start_each(requests)
+        while running is not None and not running.done:
+            outcomes.update(running.advance())
+        return [outcomes[i] for i in range(len(requests))]
+
+    def start_each(self, requests: list[Request]) -> tuple[dict[int, Result | TaskservError], Running | None]:
+        """`run_each`'s first half: refused rows' errors and classification rows' results by request
+        index, and the generative rows still `Running` (None when there are none)."""
         refused: dict[int, TaskservError] = {}
         plan = self.schedule(requests, refused=refused)
-        results = iter(self.complete(plan, self.execute(plan)) if plan.tasks else ())
-        return [refused[i] if i in refused else next(results) for i in range(len(requests))]
+        outcomes: dict[int, Result | TaskservError] = dict(refused)
+        if not plan.tasks:
+            return outcomes, None
+        index = [i for i in range(len(requests)) if i not in refused]
+        running = Running(self, plan, self.start(plan), index)
+        outcomes.update(running.finished())
+        return outcomes, None if running.done else running
 
     def check(self, requests: list[Request]) -> None:
         """Raise what `schedule` would raise for these rows, without planning them."""
@@ -195,25 +245,39 @@ class Engine:
                 plan.prompt_ids.append(ids)
                 plan.form_texts.append(text)
                 plan.max_new.append(max_new)
+                plan.sampling.append(request.sampling)
+                plan.sinks.append(request.sink)
         return plan
 
     @torch.no_grad()
     def execute(self, plan: Plan) -> Output:
+        """The first pass, label scores, and generation to the end."""
+        out = self.start(plan)
+        if out.decoding is not None:
+            out.decoding.run()
+        return out
+
+    @torch.no_grad()
+    def start(self, plan: Plan) -> Output:
+        """The first pass and label scores; generative rows get a `Decoding` not yet advanced."""
         enc, ctx, _ = self._encode(plan, live=False)
         return self._read_out(plan, enc, ctx)
 
     def complete(self, plan: Plan, out: Output) -> list[Result]:
-        results = []
-        for row, task in enumerate(plan.tasks):
-            if row in out.label_scores:
-                probs = out.label_scores[row].softmax(-1).tolist()
-                best = max(range(len(probs)), key=probs.__getitem__)
-                label = task.spec.labels[best]
-                results.append(Result(task.name, task.version, label, label, dict(zip(task.spec.labels, probs))))
-            else:
-                text = self.backbone.tokenizer.decode(out.generated[row], skip_special_tokens=True)
-                results.append(Result(task.name, task.version, text))
-        return results
+        return [self.result(plan, out, row) for row in range(len(plan.tasks))]
+
+    def result(self, plan: Plan, out: Output, row: int) -> Result:
+        """One row's result (a generative row's once its decoding finished)."""
+        task = plan.tasks[row]
+        prompt_tokens = len(plan.prompt_ids[row])
+        if row in out.label_scores:
+            probs = out.label_scores[row].softmax(-1).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            label = task.spec.labels[best]
+            return Result(task.name, task.version, label, label, dict(zip(task.spec.labels, probs)), "stop", prompt_tokens, len(plan.loaded[row].targets[best]))
+        generated = out.decoding.outcome(out.gen_rows.index(row))
+        return Result(task.name, task.version, generated.text, finish_reason=generated.finish_reason, prompt_tokens=prompt_tokens,
+                      completion_tokens=len(generated.tokens), logprobs=generated.logprobs if generated.sampling.logprobs else None)
 
     @torch.no_grad()
     def features(self, requests: list[Request]) -> Tensor:
@@ -299,11 +363,12 @@ class Engine:
                 if plan.tasks[row].spec.scoring == "mean":
                     s = s / torch.tensor([len(t) for t in pair_target[start : start + count]])
                 scores[row] = s
-        generated: dict[int, list[int]] = {}
+        decoding = None
         if gen_rows:
             rows = torch.tensor(gen_rows, device=device)  # generation last: it may consume the prompt cache
-            generated = dict(zip(gen_rows, self.runner.generate(enc, ctx, rows, [plan.max_new[r] for r in gen_rows])))
-        return Output(scores, generated)
+            sampling = [plan.sampling[r] or GREEDY for r in gen_rows]
+            decoding = self.runner.generate(enc, ctx, rows, [plan.max_new[r] for r in gen_rows], sampling, [plan.sinks[r] for r in gen_rows])
+        return Output(scores, gen_rows, decoding)
 
     # ---- training ---------------------------------------------------------------------------
     def loss(self, examples: list[Example]) -> dict[str, Tensor]:

@@ -7,13 +7,13 @@ Decoder-only (left padding, so every row's last real token sits at position t-1)
 - `label_logprobs`: label token 1 is scored from the prompt's last logits (first-token scoring
   needs nothing more); longer labels go through one extra pass over the label tokens of every
   (row, label) pair on its row's cached prompt — the prompt is never recomputed per label.
-- `generate`: greedy decoding on the cache.
+- `generate`: a `Decoding` (greedy or sampled, token by token) on the cache.
 T5 (right padding):
 - `encode`: the encoder once; its per-layer states are IP's form-module states (seed 000 §3.3),
   handed over before the decoder runs (IP acts on the decoder blocks only);
 - `label_logprobs`: ONE decoder pass over all (row, label) pairs re-using the encoder output (with
   first-token scoring, one decoder step per row: the labels share it);
-- `generate`: greedy decoding with the self- and cross-attention caches.
+- `generate`: a `Decoding` with the self- and cross-attention caches.
 Training uses the same two steps (`encode`, then `label_logprobs` of the targets): teacher forcing
 through the cache gives the same log-likelihoods as one pass over [prompt; target].
 """
@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from server.backbone import Backbone, FormModule, masked_mean
 from server.batch import BatchContext
+from server.decoding import Decoding, Sampling
 from server.hooks import ContextHooks
 
 
@@ -66,27 +67,6 @@ def pad_ids(rows: list[list[int]], pad: int, device: torch.device, multiple: int
 def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """logits [p, n, vocab], targets [p, n] -> log p(target) [p, n] in fp32."""
     return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def greedy(step: Callable[[Tensor | None], Tensor], max_new: list[int], eos_id: int) -> list[list[int]]:
-    """Greedy decoding. `step(None)` gives the first next-token logits [g, vocab], `step(token)`
-    feeds tokens [g] and gives the next ones. A row ends at EOS (not returned) or after its
-    max_new tokens; one host sync per step (the all-done check), tokens copied to the host once."""
-    device_bound = torch.tensor(max_new)
-    tokens, keep = [], []
-    done = torch.zeros(len(max_new), dtype=torch.bool)
-    logits = step(None)
-    for i in range(max(max_new)):
-        token = logits.argmax(-1)  # [g]
-        done_now = done.to(token.device) | (token == eos_id)
-        tokens.append(token)
-        keep.append(~done_now)
-        done = done_now.cpu() | (device_bound <= i + 1)
-        if bool(done.all()):
-            break
-        logits = step(token)
-    ids, alive = torch.stack(tokens, 1).tolist(), torch.stack(keep, 1).tolist()
-    return [[t for t, k in zip(row, ok) if k] for row, ok in zip(ids, alive)]
 
 
 class DecoderRunner:
@@ -141,8 +121,8 @@ class DecoderRunner:
         valid = torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(1)
         return torch.cat([first, rest], dim=1).masked_fill(~valid, 0.0)
 
-    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: list[int]) -> list[list[int]]:
-        """Greedy decoding for rows [g]. Consumes `enc.cache` when every row generates (no copy)."""
+    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: list[int], sampling: list[Sampling], sinks: list | None = None) -> Decoding:
+        """Token-by-token decoding for rows [g] on the prompt cache (consumed when every row generates)."""
         everyone = rows.numel() == enc.mask.shape[0]
         cache = enc.cache if everyone else self._select_cache(enc.cache, rows)
         sub_ctx = ctx if everyone else ctx.select(rows)
@@ -157,7 +137,7 @@ class DecoderRunner:
             mask = torch.cat([mask, one], dim=1)
             return logits
 
-        return greedy(step, max_new, self.backbone.eos_id)
+        return Decoding(step, sampling, max_new, self.backbone.eos_id, self.backbone.decode, sinks)
 
 
 class Seq2SeqRunner:
@@ -208,7 +188,7 @@ class Seq2SeqRunner:
         logits = self._decode(enc, ctx, pair_row, dec_in, valid.long()).logits  # [p, n, vocab]
         return _gather_logprobs(logits, ids).masked_fill(~valid, 0.0)[:, :n]
 
-    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: list[int]) -> list[list[int]]:
+    def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: list[int], sampling: list[Sampling], sinks: list | None = None) -> Decoding:
         sub = Encoded(mask=enc.mask[rows], encoder_states=enc.encoder_states[rows])  # gathered once, not per step
         sub_ctx = ctx.select(rows)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -220,4 +200,4 @@ class Seq2SeqRunner:
             cache = out.past_key_values
             return out.logits[:, -1]
 
-        return greedy(step, max_new, self.backbone.eos_id)
+        return Decoding(step, sampling, max_new, self.backbone.eos_id, self.backbone.decode, sinks)

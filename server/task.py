@@ -54,12 +54,16 @@ class Task:
 
 @dataclass(frozen=True)
 class Request:
-    """One row to serve: a task's name and the input text."""
+    """One row to serve: a task's name and the input text (and, for a generative task, how to
+    generate: `sampling` (a `server.decoding.Sampling`, None: greedy) and a `sink` that receives
+    each piece of text as it is produced (streaming))."""
 
     task: str
     text: str
     max_new_tokens: int | None = None
     """Generative tasks: at most this many new tokens (None: the task's default)."""
+    sampling: Any = None
+    sink: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse
 
 from adapters_store.store import Store
 from server.api.metrics import Metrics
-from server.api.routes import router
+from server.api.openai_routes import router as openai_router
+from server.api.routes import router, tasks_router
 from server.api.state import AppState
 from server.api.supervisor import WorkerProcess
-from server.batcher import Batcher, BatcherConfig
+from server.batcher import Batcher, BatcherConfig, Partial
 from server.engine import Engine
 from server.errors import Overloaded, TaskservError
 from server.factory import build_engine
@@ -44,7 +45,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         store = Store(settings.store, settings.db_url)
         metrics = Metrics()
         config = BatcherConfig(settings.max_batch_rows, settings.max_batch_chars, settings.max_wait_ms, settings.max_queue, settings.request_timeout_s)
-        batcher = Batcher(eng.run_each, config, observe=metrics.observe_batch)
+        batcher = Batcher(_batch_function(eng), config, observe=metrics.observe_batch)
         state = AppState(settings, eng, store, batcher, metrics)
         app.state.taskserve = state
         seeded = await asyncio.to_thread(store.seed, settings.seed_store)
@@ -80,7 +81,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return JSONResponse({"error": {"type": "invalid_request", "message": errors}}, status_code=422)
 
     app.include_router(router)
+    app.include_router(tasks_router, prefix="/v1")
+    app.include_router(tasks_router, include_in_schema=False)  # the unversioned aliases
+    app.include_router(openai_router)
     return app
+
+
+def _batch_function(engine: Engine):
+    """The batcher's view of the engine: each row's outcome, and generating rows as a continuation
+    the batcher advances token by token between other batches."""
+
+    def run_batch(rows: list) -> list | Partial:
+        outcomes, running = engine.start_each(list(rows))
+        return Partial(outcomes, running) if running is not None else [outcomes[i] for i in range(len(rows))]
+
+    return run_batch
 
 
 async def _poll(state: AppState) -> None:

@@ -18,6 +18,8 @@ from server.errors import Conflict, TaskservError
 from server.task import Request as Row, Task
 
 router = APIRouter()
+tasks_router = APIRouter()
+"""The task, job and predict routes, under /v1 and, unversioned, under / (DESIGN.md's `POST /tasks`)."""
 
 
 @router.get("/healthz")
@@ -38,7 +40,7 @@ async def metrics(state: State) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/v1/predict", response_model=PredictResult | PredictResults)
+@tasks_router.post("/predict", response_model=PredictResult | PredictResults)
 async def predict(body: PredictRequest, state: State):
     """Every row is validated before any is queued, all rows are admitted or none (429), and the
     first failing row fails the request at once (the others are dropped if they have not run)."""
@@ -73,26 +75,26 @@ def _public(row: dict, served: dict[str, Task]) -> TaskPublic:
     return TaskPublic(name=row["name"], method=row["method"], status=row["status"], version=row["current_version"], served=task is not None, error=row.get("error"), spec=spec)
 
 
-@router.get("/v1/tasks", response_model=TaskList)
+@tasks_router.get("/tasks", response_model=TaskList)
 async def list_tasks(state: State) -> TaskList:
     rows = await asyncio.to_thread(state.store.registry.list_tasks)
     served = state.engine.tasks.snapshot()
     return TaskList(tasks=[_public(r, served) for r in rows])
 
 
-@router.get("/v1/tasks/{name}", response_model=TaskPublic)
+@tasks_router.get("/tasks/{name}", response_model=TaskPublic)
 async def show_task(name: str, state: State) -> TaskPublic:
     return _public(await asyncio.to_thread(state.store.registry.get_task, name), state.engine.tasks.snapshot())
 
 
-@router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin])
+@tasks_router.delete("/tasks/{name}", status_code=204, dependencies=[Admin])
 async def delete_task(name: str, state: State) -> Response:
     await asyncio.to_thread(state.store.registry.delete_task, name)
     await state.batcher.run_on_engine_thread(state.engine.tasks.remove, name)
     return Response(status_code=204)
 
 
-@router.post("/v1/tasks", status_code=201, response_model=TaskCreated, dependencies=[Admin])
+@tasks_router.post("/tasks", status_code=201, response_model=TaskCreated, dependencies=[Admin])
 async def create_task(body: TaskCreate, state: State, response: Response) -> TaskCreated:
     engine, registry = state.engine, state.store.registry
     accepted = creation.prepare(body, engine, state.settings)
@@ -113,13 +115,13 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
     return TaskCreated(task=_public(await asyncio.to_thread(registry.get_task, body.name), engine.tasks.snapshot()))
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobPublic)
+@tasks_router.get("/jobs/{job_id}", response_model=JobPublic)
 async def show_job(job_id: str, state: State) -> JobPublic:
     job = await asyncio.to_thread(state.store.registry.get_job, job_id)
     return JobPublic(**{k: job[k] for k in JobPublic.model_fields})
 
 
-@router.delete("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Admin])
+@tasks_router.delete("/jobs/{job_id}", response_model=JobPublic, dependencies=[Admin])
 async def cancel_job(job_id: str, state: State) -> JobPublic:
     job = await asyncio.to_thread(state.store.registry.cancel_job, job_id)
     return JobPublic(**{k: job[k] for k in JobPublic.model_fields})

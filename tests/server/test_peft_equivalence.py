@@ -45,7 +45,7 @@ def test_prompt_tuning_matches_peft(kind: str) -> None:
     plan = engine.schedule([Request("cls", text), Request("gen", text)])
     out = engine.execute(plan)
     ours_cls = engine.complete(plan, out)[0]
-    ours_tokens = out.generated[1]
+    ours_tokens = out.decoding.outcome(out.gen_rows.index(1)).tokens
     engine.hooks.remove()  # PEFT runs the bare model
 
     model = peft_model(backbone, prompt)
