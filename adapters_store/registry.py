@@ -204,6 +204,14 @@ class Registry:
                 raise NotFound(f"job {job_id!r} does not exist")
             return _as_dict(row)
 
+    def list_jobs(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest jobs first (optionally of one status)."""
+        with self._session() as s:
+            query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
+            if status is not None:
+                query = query.where(JobRow.status == status)
+            return [_as_dict(r) for r in s.scalars(query)]
+
     def update_job(self, job_id: str, **fields: Any) -> dict[str, Any]:
         if "status" in fields and fields["status"] not in JOB_STATES:
             raise ValueError(f"status must be one of {JOB_STATES}")

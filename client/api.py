@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -24,8 +27,30 @@ class Client:
     def predict_many(self, rows: list[tuple[str, str]], max_new_tokens: int | None = None) -> list[Prediction]:
         return [calls.prediction(r) for r in self._do(calls.predict_many(rows, max_new_tokens))["results"]]
 
-    def create_task(self, name: str, method: str, **fields: Any) -> dict[str, Any]:
-        return self._do(calls.create_task(name, method, **fields))
+    def create_task(self, name: str, method: str, *, wait: bool = False, on_progress: Callable[[dict], None] | None = None, **fields: Any) -> dict[str, Any]:
+        """Create a task; a training request answers with its job, which `wait=True` follows to the
+        end (`on_progress` sees the job at every poll) before returning the ready task."""
+        created = self._do(calls.create_task(name, method, **fields))
+        if wait and created.get("job"):
+            self.wait_for_job(created["job"], on_progress)
+            return {**created, "task": self.task(name)}
+        return created
+
+    def wait_for_job(self, job_id: str, on_progress: Callable[[dict], None] | None = None, poll_s: float = 1.0) -> dict[str, Any]:
+        """Poll a job until it ends: the succeeded job, or JobFailed."""
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if (done := calls.job_outcome(job)) is not None:
+                return done
+            time.sleep(poll_s)
+
+    def jobs(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return self._do(calls.list_jobs(status, limit))["jobs"]
+
+    def task_prompt(self, name: str) -> dict[str, Any]:
+        return self._do(calls.task_prompt(name))
 
     def tasks(self) -> list[dict[str, Any]]:
         return self._do(calls.list_tasks())["tasks"]
@@ -63,8 +88,27 @@ class AsyncClient:
     async def predict_many(self, rows: list[tuple[str, str]], max_new_tokens: int | None = None) -> list[Prediction]:
         return [calls.prediction(r) for r in (await self._do(calls.predict_many(rows, max_new_tokens)))["results"]]
 
-    async def create_task(self, name: str, method: str, **fields: Any) -> dict[str, Any]:
-        return await self._do(calls.create_task(name, method, **fields))
+    async def create_task(self, name: str, method: str, *, wait: bool = False, on_progress: Callable[[dict], None] | None = None, **fields: Any) -> dict[str, Any]:
+        created = await self._do(calls.create_task(name, method, **fields))
+        if wait and created.get("job"):
+            await self.wait_for_job(created["job"], on_progress)
+            return {**created, "task": await self.task(name)}
+        return created
+
+    async def wait_for_job(self, job_id: str, on_progress: Callable[[dict], None] | None = None, poll_s: float = 1.0) -> dict[str, Any]:
+        while True:
+            job = await self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if (done := calls.job_outcome(job)) is not None:
+                return done
+            await asyncio.sleep(poll_s)
+
+    async def jobs(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return (await self._do(calls.list_jobs(status, limit)))["jobs"]
+
+    async def task_prompt(self, name: str) -> dict[str, Any]:
+        return await self._do(calls.task_prompt(name))
 
     async def tasks(self) -> list[dict[str, Any]]:
         return (await self._do(calls.list_tasks()))["tasks"]

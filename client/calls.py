@@ -58,6 +58,26 @@ def show_job(job_id: str) -> Call:
     return Call("GET", f"/v1/jobs/{job_id}")
 
 
+def list_jobs(status: str | None = None, limit: int = 100) -> Call:
+    return Call("GET", "/v1/jobs" + (f"?status={status}&limit={limit}" if status else f"?limit={limit}"))
+
+
+def task_prompt(name: str) -> Call:
+    return Call("GET", f"/v1/tasks/{name}/prompt", admin=True)
+
+
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def job_outcome(job: dict[str, Any]) -> dict[str, Any] | None:
+    """None while a job runs; the job once it succeeded; a JobFailed once it failed or was cancelled."""
+    if job["status"] not in FINAL_STATES:
+        return None
+    if job["status"] != "succeeded":
+        raise errors.JobFailed(f"job {job['id']} ({job['task']}) {job['status']}: {job.get('error') or 'cancelled'}")
+    return job
+
+
 def request_kwargs(call: Call, api_key: str | None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {api_key}"} if call.admin and api_key else {}
     return {"method": call.method, "url": call.path, "json": call.json, "headers": headers}

@@ -14,7 +14,6 @@ batch — a different draw would need a uniform number landing within 1e-5 of a 
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,7 +168,3 @@ class Decoding:
                 row.sink(TokenEvent(row.text[row.sent :]))
                 row.sent = len(row.text)
             row.sink(TokenEvent("", finish_reason=reason))
-
-
-def finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

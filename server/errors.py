@@ -99,3 +99,9 @@ def error_types() -> dict[str, type[TaskservError]]:
         found.setdefault(cls.type, cls)
         pending += cls.__subclasses__()
     return found
+
+
+class JobFailed(TaskservError):
+    """A training job the client waited for ended failed or cancelled (its error in the message)."""
+
+    type, status = "job_failed", 500

@@ -7,11 +7,13 @@ import asyncio
 import dataclasses
 import time
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import creation
-from server.api.schemas import JobPublic, PredictRequest, PredictResult, PredictResults, TaskCreate, TaskCreated, TaskList, TaskPublic
+from server.api.schemas import JobList, JobPublic, PredictRequest, PredictResult, PredictResults, TaskCreate, TaskCreated, TaskList, TaskPrompt, TaskPublic
 from server.api.state import Admin, State
 from server.engine import Result
 from server.errors import Conflict, TaskservError
@@ -113,6 +115,22 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
 
     await state.batcher.run_on_engine_thread(publish_and_load)
     return TaskCreated(task=_public(await asyncio.to_thread(registry.get_task, body.name), engine.tasks.snapshot()))
+
+
+@tasks_router.get("/tasks/{name}/prompt", response_model=TaskPrompt, dependencies=[Admin])
+async def task_prompt(name: str, state: State) -> TaskPrompt:
+    """The fixed soft prompt a task prepends (what `taskserve tasks export-peft` writes); 422 with
+    the reason for methods without one."""
+    task = state.engine.tasks.get_task(name)
+    prompt = state.engine.tasks.method(task.method, task.module_version).fixed_prompt(task)
+    return TaskPrompt(name=task.name, method=task.method, version=task.version, seq2seq=state.engine.backbone.is_encoder_decoder,
+                      backbone=state.engine.backbone.fingerprint, prompt=prompt.float().cpu().tolist())
+
+
+@tasks_router.get("/jobs", response_model=JobList)
+async def list_jobs(state: State, status: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
+    jobs = await asyncio.to_thread(state.store.registry.list_jobs, status, limit)
+    return JobList(jobs=[JobPublic(**{k: job[k] for k in JobPublic.model_fields}) for job in jobs])
 
 
 @tasks_router.get("/jobs/{job_id}", response_model=JobPublic)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from server.creation import ExampleIn, Strict, TaskCreate, TrainOptions
 
-__all__ = ["ExampleIn", "JobPublic", "PredictRequest", "PredictResult", "PredictResults", "PredictRow", "TaskCreate", "TaskCreated", "TaskList", "TaskPublic", "TrainOptions"]
+__all__ = ["ExampleIn", "JobList", "JobPublic", "TaskPrompt", "PredictRequest", "PredictResult", "PredictResults", "PredictRow", "TaskCreate", "TaskCreated", "TaskList", "TaskPublic", "TrainOptions"]
 
 
 class PredictRow(Strict):
@@ -74,6 +74,18 @@ class TaskCreated(BaseModel):
     job: str | None = None
 
 
+class TaskPrompt(BaseModel):
+    name: str
+    method: str
+    version: int
+    seq2seq: bool
+    """Whether the backbone is encoder-decoder (a PEFT export then writes SEQ_2_SEQ_LM)."""
+    backbone: str
+    """The served backbone's fingerprint."""
+    prompt: list[list[float]]
+    """[m, d] the soft prompt the task prepends to every input."""
+
+
 class JobPublic(BaseModel):
     id: str
     task: str
@@ -81,3 +93,7 @@ class JobPublic(BaseModel):
     progress: dict[str, Any]
     metrics: dict[str, Any]
     error: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobPublic]

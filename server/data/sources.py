@@ -136,24 +136,25 @@ def resolve_url(archive: Archive, index_url: str | None, progress: Progress) -> 
 
 
 def download(url: str, dest: Path, sha256: str, progress: Progress) -> None:
-    """Download `url` to `dest` atomically; `dest` appears only once its SHA-256 is `sha256`."""
+    """Download `url` to `dest` atomically (a progress bar on a terminal); `dest` appears only once
+    its SHA-256 is `sha256`."""
+    from tqdm import tqdm
+
     digest = hashlib.sha256()
     try:
         with replacing_file(dest) as part, urllib.request.urlopen(url, timeout=60) as response, part.open("wb") as file:
-            size = int(response.headers.get("Content-Length") or 0)
-            done, reported = 0, 0
-            while chunk := response.read(_CHUNK):
-                file.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if size and done - reported >= size // 10:
-                    progress(f"{dest.name}: {done >> 20} / {size >> 20} MiB")
-                    reported = done
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, desc=dest.name, unit="B", unit_scale=True, file=sys.stderr, disable=None) as bar:
+                while chunk := response.read(_CHUNK):
+                    file.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
             file.flush()
             if digest.hexdigest() != sha256:  # raised inside: the partial file is removed, dest untouched
                 raise DataError(f"{dest.name}: sha256 {digest.hexdigest()} from {url} is not the pinned {sha256}")
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise DataError(f"{dest.name}: download from {url} failed ({exc})") from None
+    progress(f"{dest.name}: {dest.stat().st_size >> 20} MiB, sha256 verified")
 
 
 def ensure_archive(archive: Archive, data_dir: Path, index_url: str | None, progress: Progress) -> Path:

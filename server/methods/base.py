@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
-from server.errors import InvalidRequest
+from server.errors import Incompatible, InvalidRequest
 from server.task import Task
 
 
@@ -126,6 +126,11 @@ class Method(nn.Module):
 
     def extra_loss(self, group: RowGroup) -> Tensor | None:
         return None
+
+    def fixed_prompt(self, task: Task) -> Tensor:
+        """The soft prompt [m, d] a task of this method prepends to every input — what an export
+        to a PEFT PROMPT_TUNING checkpoint writes. Methods without one say why."""
+        raise Incompatible(f"{self.method_id} tasks do not modulate the backbone with a fixed soft prompt: there is no PEFT prompt-tuning checkpoint to export")
 
     def load_shared(self, tensors: dict[str, Tensor]) -> None:
         """Load published shared state (a `state_dict()` read back from the store); strict."""

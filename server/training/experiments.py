@@ -148,6 +148,7 @@ def few_shot_transfer(
     default_request: bool = True,
     folds: int = 2,
     done: set[tuple[str, str, int, int]] = frozenset(),
+    on_progress: ProgressFn | None = None,
 ) -> list[dict[str, Any]]:
     """For each held-out task, method, k and seed: a new task from k label-balanced training rows,
     made exactly as a job makes it (`few_shot.learn`: the recipe's start, selection by
@@ -166,7 +167,8 @@ def few_shot_transfer(
                         continue
                     rows = [Example(name, e.text, e.label) for e in sample_few_shot(pool, k, seed)]
                     started = time.monotonic()
-                    learned = learn(engine, f"fs-{method}-{k}-{seed}-{name}"[:60], method, spec, rows, {}, dataclasses.replace(config, seed=seed), folds=folds)
+                    progress = (lambda phase, p, run=f"{name} {method} k={k} s={seed}": on_progress(f"{run} {phase}", p)) if on_progress else None
+                    learned = learn(engine, f"fs-{method}-{k}-{seed}-{name}"[:60], method, spec, rows, {}, dataclasses.replace(config, seed=seed), folds=folds, on_progress=progress)
                     with engine.tasks.temporary(learned.task):
                         test = evaluate(engine, [dataclasses.replace(e, task=learned.task.name) for e in task_data.test[:eval_rows]])
                     record = {

@@ -74,3 +74,33 @@ def test_batch_invariance_all_five_methods_on_smollm2(real_engine: Engine) -> No
         assert got.label == solo.label
         for label, p in solo.scores.items():
             assert got.scores[label] == pytest.approx(p, abs=1e-5)
+
+
+def test_a_peft_checkpoint_on_smollm2_imports_and_exports_exactly(tmp_path) -> None:
+    """A PEFT PROMPT_TUNING checkpoint made on the real SmolLM2 answers here as PEFT's own model does,
+    and the task exported back loads in PEFT with the same scores (fp32, 1e-5)."""
+    from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+
+    from peft_reference import peft_label_probs
+    from server import peft_format
+    from server.methods import method_for_peft
+
+    folder = assets.resolve_backbone("smollm2", Settings().cache_dir)
+    n_virtual = 20
+    peft_backbone = load_backbone(folder)
+    model = get_peft_model(peft_backbone.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_virtual))
+    with torch.no_grad():
+        table = model.prompt_encoder["default"].embedding.weight
+        table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    model.eval().save_pretrained(tmp_path / "ckpt")
+    engine = Engine(load_backbone(folder))  # its own copy: the engine's hooks must not sit on PEFT's model
+    method = method_for_peft("PROMPT_TUNING")
+    task = engine.tasks.new("imported", method, SENTIMENT, init={"prompt": peft_format.read(tmp_path / "ckpt").prompt})
+    engine.tasks.add(task)
+    served = torch.tensor([[r.scores[label] for label in SENTIMENT.labels] for r in engine.run([Request("imported", t) for t, _ in REVIEWS])])
+    want = torch.stack([peft_label_probs(model, peft_backbone, SENTIMENT, t, n_virtual) for t, _ in REVIEWS])
+    assert torch.allclose(served, want, atol=1e-5)
+    peft_format.write(tmp_path / "out", engine.tasks.method(method).fixed_prompt(task), seq2seq=False, base_model="smollm2")
+    reloaded = PeftModel.from_pretrained(load_backbone(folder).model, str(tmp_path / "out")).eval()
+    again = torch.stack([peft_label_probs(reloaded, peft_backbone, SENTIMENT, t, n_virtual) for t, _ in REVIEWS])
+    assert torch.allclose(served, again, atol=1e-5)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from server.batch import BatchContext
 from server.data.spec import TaskSpec
-from server.errors import InvalidRequest
+from server.errors import Incompatible, InvalidRequest
 from server.methods.attempt.config import AttemptConfig
 from server.methods.base import BackboneDims, Method, RowGroup, Vocabulary
 from server.methods.prompts import initial_prompt, sample_vocab_rows
@@ -75,6 +75,9 @@ class Attempt(Method):
         mixed = torch.einsum("gt,tmd->gmd", a[:, :-1], self.sources.float())  # Σ_{j≤t} a_j P_j
         instance = targets * (1 + a[:, -1:, None]) + mixed  # eq 4, [g, m, d]
         ctx.add_prefix(group.rows, instance)
+
+    def fixed_prompt(self, task: Task) -> Tensor:
+        raise Incompatible("attempt tasks have no fixed prompt: ATTEMPT mixes its source prompts per instance (attention over each input, eqs 3-4), which PEFT's PROMPT_TUNING cannot express")
 
     def param_count(self) -> dict[str, int]:
         c, d = self.config, self.dims.d_model

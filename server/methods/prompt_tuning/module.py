@@ -47,6 +47,9 @@ class PromptTuning(Method):
     def static(self, task: Task) -> dict[str, Tensor]:
         return {"prompt": task.params["prompt"]}  # [m, d]
 
+    def fixed_prompt(self, task: Task) -> Tensor:
+        return task.params["prompt"].detach()  # [m, d]
+
     def modulate(self, group: RowGroup, ctx: BatchContext) -> None:
         add_static_prompts(group, ctx)
 

@@ -147,6 +147,10 @@ class TaskPromptVectors(Method):
     def static(self, task: Task) -> dict[str, Tensor]:
         return {"prompt": self.theta_init(task.meta["origin"]) + task.params["tau"]}  # [m, d]
 
+    def fixed_prompt(self, task: Task) -> Tensor:
+        """θ_init + τ: a TPV task is one fixed prompt once its vector is applied."""
+        return self.static(task)["prompt"].detach()
+
     def modulate(self, group: RowGroup, ctx: BatchContext) -> None:
         add_static_prompts(group, ctx)
 

@@ -140,3 +140,25 @@ def test_few_shot_job_through_the_embedded_worker(deployment) -> None:
     wait_served(url, ["learned"])
     got = httpx.post(f"{url}/v1/predict", json={"task": "learned", "text": "aaaa film"}).json()
     assert got["task_version"] == 1 and got["label"] in ("negative", "positive")
+
+
+def test_cli_creates_a_task_from_a_file_and_follows_its_job(deployment, tmp_path, monkeypatch, capsys) -> None:
+    """`taskserve tasks create ... --wait` and `taskserve jobs watch` against the real server: a
+    progress bar on stderr, the final status on stdout."""
+    from server.cli import main
+
+    url, _, _ = deployment
+    monkeypatch.setenv("TASKSERVE_API_KEY", "k")
+    examples = tmp_path / "examples.csv"
+    examples.write_text("text,label\n" + "".join(f"{'aaaa' if i % 2 else 'zzzz'} film {i},{'positive' if i % 2 else 'negative'}\n" for i in range(12)))
+    assert main(["tasks", "create", "from-file", "--method", "pha", "--examples", str(examples), "--labels", "negative,positive",
+                 "--template", SPEC.template, "--scoring", "sum", "--steps", "10", "--wait", "--url", url]) == 0
+    captured = capsys.readouterr()
+    assert "training job" in captured.out and "succeeded: published" in captured.out
+    assert "succeeded" in captured.err and "step" in captured.err  # the bar: the job's steps, then its status
+    job_id = captured.out.split("training job ")[1].split()[0]
+    assert main(["jobs", "watch", job_id, "--url", url]) == 0
+    assert f"job {job_id} succeeded" in capsys.readouterr().out
+    assert main(["jobs", "list", "--url", url]) == 0
+    assert job_id in capsys.readouterr().out
+    assert httpx.post(f"{url}/v1/predict", json={"task": "from-file", "text": "aaaa film"}).status_code == 200
