@@ -246,3 +246,13 @@ def test_queue_time_is_observed(server) -> None:
     assert httpx.post(f"{url}/v1/predict", json={"task": "sent-ip", "text": "fine"}).status_code == 200
     counts = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("taskserve_queue_seconds_count")]
     assert counts and float(counts[0].split()[-1]) >= 1
+
+
+def test_unversioned_aliases_route_to_the_same_handlers(server) -> None:
+    url, _, _ = server
+    created = httpx.post(f"{url}/tasks", json={"name": "alias-plain", "method": "plain", "labels": ["negative", "positive"], "template": "review: {text}"}, headers=KEY)
+    assert created.status_code == 201, created.text
+    assert httpx.get(f"{url}/tasks").json() == httpx.get(f"{url}/v1/tasks").json()
+    assert httpx.post(f"{url}/predict", json={"task": "alias-plain", "text": "great"}).json() == httpx.post(f"{url}/v1/predict", json={"task": "alias-plain", "text": "great"}).json()
+    error(httpx.post(f"{url}/tasks", json={"name": "x", "method": "ip"}), 401, "unauthorized")
+    assert "/tasks" not in httpx.get(f"{url}/openapi.json").json()["paths"]  # documented once, under /v1
