@@ -66,10 +66,13 @@ class BatchContext:
     hidden_scale: Tensor | None = None  # [n_block_sites, batch, 1, d_model] = 1 + I_m per row
     adapters: dict[int, AdapterWeights] = field(default_factory=dict)  # ffn site -> adapters
     features: Tensor | None = None  # [batch, seq, d_model], written by the feature-site hook
+    past: Tensor | None = None  # [n_layers, 2, batch, kv_heads, P, head_dim] cached prefix keys/values, right-aligned
+    past_len: Tensor | None = None  # [batch] long: cached prefix positions per row (0: none)
 
     _prefixes: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list, repr=False)
     _scales: list[tuple[Tensor, Tensor]] = field(default_factory=list, repr=False)
     _adapters: dict[int, list[_AdapterPiece]] = field(default_factory=dict, repr=False)
+    _pasts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list, repr=False)
     _assembled: dict[int | str, int] = field(default_factory=dict, repr=False)  # pieces per kind at the last assemble
 
     # ---- writers (methods) -------------------------------------------------------------------
@@ -78,6 +81,15 @@ class BatchContext:
         if lengths is None:
             lengths = torch.full((rows.numel(),), prefix.shape[1], dtype=torch.long, device=rows.device)
         self._prefixes.append((rows, prefix, lengths))
+
+    def add_cached_prefix(self, rows: Tensor, caches: list[Tensor], slot: Tensor) -> None:
+        """rows [g]; each row's prefix as the keys/values every layer computed for it once
+        (caches[k]: [n_layers, 2, kv_heads, m_k, head_dim], row i uses caches[slot[i]]): the
+        decoder-only runner feeds them as a past, so the prefix costs no compute per request."""
+        lengths = torch.tensor([c.shape[3] for c in caches], device=rows.device)
+        width = int(lengths.max())
+        table = torch.stack([torch.nn.functional.pad(c, (0, 0, width - c.shape[3], 0)) for c in caches])  # [s, L, 2, kvh, width, hd], right-aligned
+        self._pasts.append((rows, table, lengths, slot))
 
     def add_hidden_scale(self, rows: Tensor, delta: Tensor) -> None:
         """rows [g]; delta = I [g, n_block_sites, d]: block outputs become h + h∘I (seed 000 eq 3)."""
@@ -122,7 +134,17 @@ class BatchContext:
         for site, pieces in self._adapters.items():
             if len(pieces) != done.get(site, 0):
                 self.adapters[site] = _merge_adapters(pieces, b, dt)
-        self._assembled = {"prefix": len(self._prefixes), "scale": len(self._scales), **{site: len(p) for site, p in self._adapters.items()}}
+        if len(self._pasts) != done.get("past", 0):
+            width = max(table.shape[4] for _, table, _, _ in self._pasts)
+            n_layers, _, kv_heads, _, head_dim = self._pasts[0][1].shape[1:]
+            past = torch.zeros(b, n_layers, 2, kv_heads, width, head_dim, device=dev, dtype=self._pasts[0][1].dtype)
+            past_len = torch.zeros(b, dtype=torch.long, device=dev)
+            for rows, table, lengths, slot in self._pasts:
+                table = torch.nn.functional.pad(table, (0, 0, width - table.shape[4], 0))  # [s, L, 2, kvh, width, hd]
+                past = past.index_put((rows,), table[slot])
+                past_len = past_len.index_put((rows,), lengths[slot])
+            self.past, self.past_len = past.permute(1, 2, 0, 3, 4, 5), past_len  # [L, 2, b, kvh, width, hd]
+        self._assembled = {"prefix": len(self._prefixes), "scale": len(self._scales), "past": len(self._pasts), **{site: len(p) for site, p in self._adapters.items()}}
         return self
 
     def select(self, index: Tensor) -> BatchContext:

@@ -53,6 +53,9 @@ class EngineConfig:
     task_memory_bytes: int | None = None
     """Bound on device memory for per-task tensors (params + cached statics). Least recently used
     tasks are evicted and rebuilt on demand from their host copy; None = no bound."""
+    cache_prefixes: bool = True
+    """On a decoder-only backbone, compute a static soft prompt's keys/values once per task version
+    (prompt tuning, TPV): a request then costs what its own tokens cost."""
 
     def __post_init__(self) -> None:
         for name in ("max_input_tokens", "max_new_tokens", "length_multiple"):
@@ -175,7 +178,8 @@ class Engine:
         else:
             self.runner = DecoderRunner(backbone, self.hooks, self.config.length_multiple, form)
         self.form_fingerprint = form.fingerprint if form is not None else None
-        self.tasks = TaskTable(backbone, methods if methods is not None else default_methods(backbone, form), self.config.task_memory_bytes, can_form=self.runner.can_form)
+        self.tasks = TaskTable(backbone, methods if methods is not None else default_methods(backbone, form), self.config.task_memory_bytes,
+                               can_form=self.runner.can_form, prefix_cache=self.runner.prefix_cache if self.config.cache_prefixes else None)
 
     @property
     def methods(self) -> nn.ModuleDict:
@@ -334,7 +338,7 @@ class Engine:
         embeds, mask = pack_rows(ctx.prefix, ctx.prefix_len, token_embeds, lengths, left_pad=self.runner.left_pad, multiple=self.config.length_multiple)
         enc = self.runner.encode(embeds, mask, ctx, form)
         if capture and ctx.features is not None:
-            pooled = masked_mean(ctx.features, enc.mask)  # [b, d]
+            pooled = masked_mean(ctx.features, enc.mask[:, -ctx.features.shape[1] :])  # [b, d]; the feature site saw this pass's positions
             for group in groups.values():
                 group.features = pooled[group.rows]
         return enc, ctx, groups

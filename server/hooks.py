@@ -30,7 +30,7 @@ class ContextHooks:
         self._handles.append(backbone.feature_site.register_forward_hook(self._feature_hook))
 
     @contextmanager
-    def use(self, ctx: BatchContext) -> Iterator[BatchContext]:
+    def use(self, ctx: BatchContext | None) -> Iterator[BatchContext | None]:
         previous, self.ctx = self.ctx, ctx
         try:
             yield ctx

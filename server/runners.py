@@ -1,7 +1,8 @@
 """How one forward runs on each backbone kind. The engine decides *what* to run; a runner knows
 *how* on its architecture: masks, positions, caches.
 
-Decoder-only (left padding, so every row's last real token sits at position t-1):
+Decoder-only (left padding, so every row's last real token sits at position t-1; static prompts may
+come as cached keys/values, `prefix_cache`, fed as a past the row's tokens continue after):
 - `encode`: the form module reads the rows that asked for it (IP) first, so their hidden-state
   scales are in the context; then ONE prompt pass with a KV cache, logits only for the last position.
 - `label_logprobs`: label token 1 is scored from the prompt's last logits (first-token scoring
@@ -84,12 +85,32 @@ class DecoderRunner:
         with self.hooks.use(ctx):
             return self.backbone.model(**kwargs)
 
+    @torch.no_grad()
+    def prefix_cache(self, prompt: Tensor) -> Tensor:
+        """The keys and values every layer computes for a static prompt [m, d] at positions 0..m-1,
+        unmodulated: [n_layers, 2, kv_heads, m, head_dim]. A causal model's prefix never sees what
+        follows it, so these are what any request behind that prefix would compute."""
+        embeds = prompt.to(self.backbone.device, self.backbone.dtype).unsqueeze(0)  # [1, m, d]
+        positions = torch.arange(prompt.shape[0], device=embeds.device).unsqueeze(0)
+        with self.hooks.use(None):
+            out = self.backbone.model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
+
     def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None) -> Encoded:
         if form is not None:
             form.deliver(self.form.layer_states(form.texts).to(embeds.device))  # [n1, f, d1]
             ctx.assemble()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, t]; left padding keeps real positions 0..len-1
-        out = self._forward(ctx, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = None
+        if ctx.past is not None:  # cached prefixes (right-aligned in P positions): a past the tokens follow
+            width = ctx.past.shape[4]
+            cache = DynamicCache()
+            for layer, kv in enumerate(ctx.past):  # kv [2, b, kvh, P, hd]
+                cache.update(kv[0], kv[1], layer)
+            past_mask = (torch.arange(width, device=mask.device) >= width - ctx.past_len.unsqueeze(1)).long()  # [b, P]
+            positions = positions + ctx.past_len.unsqueeze(1)  # a row's tokens continue after its prefix
+            mask = torch.cat([past_mask, mask], dim=1)  # [b, P + t]
+        out = self._forward(ctx, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return Encoded(mask=mask, last_logits=out.logits[:, -1], cache=out.past_key_values)
 
     @staticmethod
@@ -143,6 +164,7 @@ class DecoderRunner:
 class Seq2SeqRunner:
     left_pad = False
     can_form = True  # the encoder is the form module
+    prefix_cache = None  # T5's encoder attends both ways: a prompt's states depend on the input
 
     def __init__(self, backbone: Backbone, hooks: ContextHooks, multiple: int) -> None:
         self.backbone, self.hooks, self.multiple = backbone, hooks, multiple

@@ -3,7 +3,8 @@ tasks are resident on the device (an LRU bounded by `memory_bytes`).
 
 - Tasks are kept on the host (`Task` with CPU params). A task becomes *resident* when a batch needs
   it: its params are copied to the device and its method's `static(task)` (soft prompts, PHA's
-  generated adapters) and label token ids are computed once, under `no_grad`, as a `LoadedTask`.
+  generated adapters) and label token ids are computed once, under `no_grad`, as a `LoadedTask` —
+  on a causal backbone with the keys/values of a static prompt too (`prefix_cache`).
   Least recently used residents are evicted past the bound and rebuilt from the host copy on
   their next batch — the same computation, so bit-identical outputs.
 - A task whose params already live on the device is served with those very tensors, not copies:
@@ -22,7 +23,7 @@ import dataclasses
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,8 +59,9 @@ class LoadedTask:
 class TaskTable(Mapping[str, Task]):
     """name -> the task's host copy (a read-only mapping), plus the lifecycle operations."""
 
-    def __init__(self, backbone: Backbone, modules: dict[str, Method], memory_bytes: int | None = None, *, can_form: bool = True) -> None:
-        self.backbone, self.memory_bytes, self.can_form = backbone, memory_bytes, can_form
+    def __init__(self, backbone: Backbone, modules: dict[str, Method], memory_bytes: int | None = None, *, can_form: bool = True,
+                 prefix_cache: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.backbone, self.memory_bytes, self.can_form, self.prefix_cache = backbone, memory_bytes, can_form, prefix_cache
         self.modules = nn.ModuleDict(modules)
         """The CURRENT shared module of each method: new tasks are made with it."""
         self.modules.to(backbone.device)  # method weights stay fp32; their outputs are cast per batch
@@ -229,6 +231,8 @@ class TaskTable(Mapping[str, Task]):
             host = task if all(p.device.type == "cpu" for p in task.params.values()) else _with_params(task, "cpu")
         with torch.no_grad():
             static = {k: v.detach() for k, v in method.static(device_task).items()}
+            if self.prefix_cache is not None and method.static_prefix and static["prompt"].shape[0] > 0:
+                static["prefix_kv"] = self.prefix_cache(static["prompt"])  # [L, 2, kvh, m, hd], once per version
         targets = [self.backbone.label_ids(label, task.spec.template) for label in task.spec.labels]
         if any(not t for t in targets):
             raise InvalidRequest(f"labels: a label of task {task.name!r} encodes to no tokens")

@@ -86,6 +86,9 @@ class Method(nn.Module):
     """True when the method needs per-layer form-module states (IP)."""
     wants_features: ClassVar[bool] = False
     """True when `extra_loss` needs the pooled feature-site state (PHA's retriever)."""
+    static_prefix: ClassVar[bool] = False
+    """True when `static(task)["prompt"]` is the whole prefix of every row of the task, whatever the
+    input: on a causal backbone the engine then computes its keys/values once per task version."""
     peft_type: ClassVar[str | None] = None
     """The HF PEFT adapter type whose checkpoints are exactly this method's tasks (prompt tuning:
     `PROMPT_TUNING`), for comparisons and import/export; None where PEFT has no counterpart."""

@@ -53,6 +53,11 @@ def stack_prompts(prompts: list[Tensor], task_slot: Tensor) -> tuple[Tensor, Ten
 
 
 def add_static_prompts(group: RowGroup, ctx: BatchContext) -> None:
-    """Prefix every row with its task's cached prompt (`static["prompt"]`): prompt tuning and TPV."""
+    """Prefix every row with its task's prompt (`static["prompt"]`): prompt tuning and TPV. Where
+    the engine cached the prompt's keys and values (`static["prefix_kv"]`, decoder-only serving),
+    those go in instead, and the prompt costs nothing per request."""
+    if all("prefix_kv" in s for s in group.statics):
+        ctx.add_cached_prefix(group.rows, [s["prefix_kv"] for s in group.statics], group.task_slot)
+        return
     prompts, lengths = stack_prompts([s["prompt"] for s in group.statics], group.task_slot)
     ctx.add_prefix(group.rows, prompts, lengths)  # [g, m, d]

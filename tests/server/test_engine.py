@@ -289,3 +289,42 @@ def test_new_shared_module_version_leaves_existing_tasks_untouched() -> None:
     assert not engine.tasks.has_module("ip", 0) and engine.tasks.has_module("pha", 0)
     with pytest.raises(Incompatible):
         engine.tasks.add(dataclasses.replace(fresh, name="stale", module_version=7))
+
+
+def test_cached_prompt_prefixes_give_what_the_full_pass_gives() -> None:
+    """Decoder-only: prompt tuning's and TPV's prompts run once per task version as cached keys and
+    values; rows mixed with every other method (ATTEMPT's per-instance prefixes included) answer
+    as the uncached engine does, and generations are token-identical."""
+    cached, full = make_engine("llama"), make_engine("llama", config=EngineConfig(cache_prefixes=False))
+    names = add_tasks(cached, per_method=2)
+    for name in names:
+        full.tasks.add(cached.tasks[name])
+    for method in ("prompt_tuning", "tpv"):
+        gen = cached.tasks.new(f"{method}-gen", method, GENERATE, seed=3)
+        cached.tasks.add(gen)
+        full.tasks.add(gen)
+        names.append(gen.name)
+    assert all("prefix_kv" in cached.tasks.loaded(n).static for n in names if n.startswith(("prompt_tuning", "tpv")))
+    assert not any("prefix_kv" in full.tasks.loaded(n).static for n in names)
+    assert "prefix_kv" not in cached.tasks.loaded("attempt-0").static  # per instance: nothing to cache
+    requests = [Request(n, TEXTS[i % len(TEXTS)], max_new_tokens=4) for i, n in enumerate(names * 2)]
+    for got, want in zip(cached.run(requests), full.run(requests), strict=True):
+        assert_same(got, want)
+
+
+def test_a_cached_prefix_follows_its_task_version() -> None:
+    engine, full = make_engine("llama"), make_engine("llama", config=EngineConfig(cache_prefixes=False))
+    for version, seed in ((1, 1), (2, 2)):
+        task = engine.tasks.new("pt", "prompt_tuning", dataclasses.replace(CLASSIFY, description=""), seed=seed, version=version)
+        engine.tasks.add(task)
+        full.tasks.add(task)
+        assert engine.run([Request("pt", "x")])[0].scores == pytest.approx(full.run([Request("pt", "x")])[0].scores, abs=1e-5)
+    engine.tasks.remove("pt")
+    with pytest.raises(NotFound):
+        engine.run([Request("pt", "x")])
+
+
+def test_t5_prompts_are_not_cached() -> None:
+    engine = make_engine("t5")
+    engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", CLASSIFY))
+    assert "prefix_kv" not in engine.tasks.loaded("pt").static  # the encoder attends both ways

@@ -28,6 +28,7 @@ class PromptTuning(Method):
     config_class = PromptConfig
     config: PromptConfig
     peft_type = "PROMPT_TUNING"
+    static_prefix = True
 
     def init_task(self, spec: TaskSpec, vocab: Vocabulary, generator: torch.Generator, init: dict[str, Any]) -> tuple[nn.ParameterDict, dict[str, Any]]:
         if "prompt" in init:  # an explicit prompt, e.g. imported from a PEFT checkpoint

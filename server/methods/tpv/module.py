@@ -70,6 +70,7 @@ class TaskPromptVectors(Method):
     method_id = "tpv"
     config_class = TPVConfig
     config: TPVConfig
+    static_prefix = True
 
     def __init__(self, dims: BackboneDims, config: TPVConfig | None = None, embedding: Tensor | None = None) -> None:
         super().__init__(dims, config)
