@@ -4,6 +4,7 @@ CLI's training commands all call `build_engine`."""
 from __future__ import annotations
 
 import logging
+import os
 
 from server.engine import Engine, EngineConfig
 from server.methods import load_plugins
@@ -14,13 +15,19 @@ log = logging.getLogger("taskserve")
 
 def build_engine(settings: Settings, *, training: bool = False) -> Engine:
     """The backbone (+ IP's form module on decoder-only backbones, unless `form_module` is `none`)
-    the settings name, with every registered method (plugins first). `training`: a training
-    engine has no device-memory bound — its trained tensors must stay the resident leaves."""
+    the settings name, with every registered method (plugins first), on the threads the settings
+    give (default: every CPU this process may use; said in the log). `training`: a training
+    engine has no device-memory bound — its trained tensors must stay the resident leaves — and
+    keeps float32 on a CPU under `dtype=auto`."""
     from server import assets
     from server.backbone import load_backbone, load_form_module
 
+    import torch
+
     load_plugins(settings.plugin_modules)
-    device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    threads = settings.resolved_threads()
+    torch.set_num_threads(threads)
+    device, dtype = settings.resolved_device(), settings.resolved_dtype(training=training)
     backbone = load_backbone(assets.resolve_backbone(settings.backbone, settings.cache_dir), device=device, dtype=dtype)
     form = None
     if not backbone.is_encoder_decoder and settings.form_module != "none":
@@ -28,8 +35,9 @@ def build_engine(settings: Settings, *, training: bool = False) -> Engine:
     memory = int(settings.task_memory_mb * 2**20) if settings.task_memory_mb and not training else None
     engine = Engine(backbone, form, config=EngineConfig(max_input_tokens=settings.max_input_tokens, task_memory_bytes=memory))
     log.info(
-        "backbone %s (%s, d=%d, %d layers, fingerprint %s) on %s/%s; methods %s",
+        "backbone %s (%s, d=%d, %d layers, fingerprint %s) on %s/%s, torch threads %d (interop %d, OMP_NUM_THREADS=%s); methods %s",
         settings.backbone, backbone.kind, backbone.d_model, backbone.n_layers, backbone.fingerprint,
-        device, str(dtype).removeprefix("torch."), ", ".join(engine.methods),
+        device, str(dtype).removeprefix("torch."), torch.get_num_threads(), torch.get_num_interop_threads(),
+        os.environ.get("OMP_NUM_THREADS", "unset"), ", ".join(engine.methods),
     )
     return engine

@@ -7,6 +7,7 @@ and the docs show. Importing this module does not import torch; only the `resolv
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -21,6 +22,16 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 # What torch.device() accepts in practice: a device type, optionally with an index ("cuda:1").
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|meta|(cuda|xpu)(:\d+)?)$")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512-BF16 or AMX): then bf16 matmuls run at
+    about twice fp32's speed (measured: 110 vs 45 GFLOP/s on 2 cores); elsewhere they are emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap, dependable answer
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def default_cache_dir() -> Path:
@@ -50,7 +61,8 @@ class Settings(BaseSettings):
     """Torch device to run on: `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`."""
 
     dtype: DType = "auto"
-    """Backbone dtype: `auto` (bfloat16 on cuda, float32 otherwise), `float32`, `bfloat16` or `float16`."""
+    """Backbone dtype: `auto` (bfloat16 on cuda and on CPUs with native bf16 — AVX-512-BF16 or AMX —
+    float32 otherwise; training on a CPU stays float32), `float32`, `bfloat16` or `float16`."""
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
     """Cache for converted models (outside the repo); default `~/.cache/taskserve`."""
@@ -116,6 +128,9 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(default=1.0, gt=0)
     """How often an idle worker looks for queued jobs."""
 
+    threads: int | None = Field(default=None, ge=1)
+    """Torch intra-op threads (the engine's matmuls); default: the CPUs this process may run on."""
+
     plugins: str = ""
     """Comma-separated Python modules imported at start-up that register extra methods (besides the
     `taskserve.methods` entry points of installed packages); every process of a deployment needs them."""
@@ -156,10 +171,19 @@ class Settings(BaseSettings):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def resolved_dtype(self) -> torch.dtype:
-        """The torch dtype to use: `auto` becomes bfloat16 on cuda, float32 elsewhere."""
+    def resolved_dtype(self, *, training: bool = False) -> torch.dtype:
+        """The torch dtype to use. `auto`: bfloat16 on cuda; on a CPU bfloat16 where it is native
+        (serving only: a training engine on a CPU keeps float32), float32 elsewhere."""
         import torch
 
         if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+            device = self.resolved_device().type
+            native = device == "cuda" or (device == "cpu" and cpu_has_native_bf16() and not training)
+            return torch.bfloat16 if native else torch.float32
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    def resolved_threads(self) -> int:
+        """Torch threads: `threads`, else the CPUs this process may run on."""
+        if self.threads:
+            return self.threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

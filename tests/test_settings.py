@@ -56,12 +56,15 @@ def test_invalid_values_name_the_field(field: str, value: object) -> None:
 
 def test_resolved_device_and_dtype() -> None:
     cuda = torch.cuda.is_available()
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags  # read here independently of the code under test
     auto = Settings()
     assert auto.resolved_device() == torch.device("cuda" if cuda else "cpu")
-    assert auto.resolved_dtype() == (torch.bfloat16 if cuda else torch.float32)
+    assert auto.resolved_dtype() == (torch.bfloat16 if cuda or native_bf16 else torch.float32)
     cpu = Settings(device="cpu")
     assert cpu.resolved_device() == torch.device("cpu")
-    assert cpu.resolved_dtype() == torch.float32
+    assert cpu.resolved_dtype() == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert cpu.resolved_dtype(training=True) == torch.float32  # training on a CPU stays fp32
     assert Settings(device="cuda:1").resolved_dtype() == torch.bfloat16  # resolving needs no GPU
     assert Settings(device="cpu", dtype="float16").resolved_dtype() == torch.float16
 

@@ -328,3 +328,20 @@ def test_t5_prompts_are_not_cached() -> None:
     engine = make_engine("t5")
     engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", CLASSIFY))
     assert "prefix_kv" not in engine.tasks.loaded("pt").static  # the encoder attends both ways
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_batch_invariance_in_bfloat16_within_a_stated_tolerance(kind: str) -> None:
+    """bf16 serving (the CPU default where bf16 is native): a row's probabilities in a mixed batch
+    are its solo ones within 0.01 (bf16 keeps 8 bits of mantissa; padding changes reduction order),
+    and the label is the same wherever the solo margin exceeds that."""
+    engine = make_engine(kind, dtype=torch.bfloat16)
+    names = add_tasks(engine, per_method=2)
+    requests = [Request(n, TEXTS[i % len(TEXTS)]) for i, n in enumerate(names * 2)]
+    for request, got in zip(requests, engine.run(requests)):
+        solo = engine.run([request])[0]
+        for label, p in solo.scores.items():
+            assert got.scores[label] == pytest.approx(p, abs=0.01)
+        ranked = sorted(solo.scores.values(), reverse=True)
+        if ranked[0] - ranked[1] > 0.02:
+            assert got.label == solo.label
