@@ -15,7 +15,7 @@ ALL_TASKS := movie-sentiment,fever,implicatures,intent,strategyqa,epistemic,wino
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets data test serve demo-store few-shot-table bench clean distclean
+.PHONY: venv assets data test serve demo-store few-shot-table bench bench-serve clean distclean
 
 venv: $(STAMP)
 
@@ -61,6 +61,10 @@ few-shot-table: venv assets data
 
 bench: venv
 	$(PY) -m bench.run
+
+# The server over HTTP: latency per method, throughput mixed vs one task, engine alone, HF + PEFT.
+bench-serve: venv assets
+	$(PY) -m bench.serve
 
 clean:
 	rm -rf build dist .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,230 @@
+"""The server measured over HTTP, side by side in one run (`make bench-serve`).
+
+Starts `taskserve serve` on a scratch store seeded with the demo tasks (no worker), then measures:
+  1. single-row latency, p50 / p99 per method, sequential requests of a ~30-token review;
+  2. throughput (rows/s) and p99 at concurrency 1 / 8 / 32: rows over all demo tasks mixed vs the
+     same rows all on one task;
+  3. the same single rows through the engine alone in this process (no HTTP, no batcher), so the
+     cost of the API + batcher is a ratio;
+  4. the HF + PEFT way a user would serve the demo's prompt-tuning tasks: one PeftModel holding one
+     PROMPT_TUNING adapter per task, rows grouped per task, `set_adapter` and one padded forward per
+     group — on the same rows, as the anchor ratio.
+Configurations are interleaved in rounds and medians reported (the machine is shared: say what
+else ran). JSON goes to bench/results/serve-<device>-<time>.json, a Markdown table to stdout.
+
+    python -m bench.serve [--rounds 3] [--requests 40] [--dtype auto|float32|bfloat16] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from bench.run import device_name
+from server.methods import method_for_peft
+
+ROOT = Path(__file__).parents[1]
+RESULTS = Path(__file__).parent / "results"
+REVIEWS = [
+    "The film was a quiet and moving story, but its plot felt thin and the ending dragged on.",
+    "A wonderful cast gives warm, sharp performances in a script that never quite finds its voice.",
+    "Dull, tedious and far too long; I checked my watch every ten minutes and regretted the ticket.",
+    "One of the best films of the year: funny, tender and beautifully shot from start to finish.",
+]
+
+
+def start_server(store: Path, port: int, dtype: str, threads: int | None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TASKSERVE_STORE": str(store), "TASKSERVE_PORT": str(port), "TASKSERVE_EMBEDDED_WORKER": "false",
+           "TASKSERVE_DTYPE": dtype, "TASKSERVE_SEED_STORE": str(ROOT / "demo_store"), **({"TASKSERVE_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"taskserve serve exited: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.5)
+    raise SystemExit("taskserve serve did not become ready")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def sequential(url: str, tasks: list[str], n: int) -> list[float]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = await client.post("/v1/predict", json={"task": tasks[i % len(tasks)], "text": REVIEWS[i % len(REVIEWS)]})
+            r.raise_for_status()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+async def concurrent(url: str, tasks: list[str], concurrency: int, n: int) -> tuple[float, list[float]]:
+    """n rows from `concurrency` clients, each sending its next row when the last came back."""
+    rows = [(tasks[i % len(tasks)], REVIEWS[i % len(REVIEWS)]) for i in range(n)]
+    random.Random(0).shuffle(rows)
+    queue = list(rows)
+    latencies: list[float] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while queue:
+            task, text = queue.pop()
+            t0 = time.perf_counter()
+            r = await client.post("/v1/predict", json={"task": task, "text": text})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        return n / (time.perf_counter() - t0), latencies
+
+
+def engine_alone(dtype: str, store: Path, by_method: dict[str, str], n: int):
+    """The same single rows through an engine in this process: returns fn(method) -> latencies."""
+    from adapters_store.store import Store
+    from server.engine import Request
+    from server.factory import build_engine
+    from server.settings import Settings
+    from server.store_sync import attach
+
+    settings = Settings(dtype=dtype, store=store, seed_store=None)
+    engine = build_engine(settings)
+    attach(Store(store), engine)
+
+    def run(method: str) -> list[float]:
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            engine.run([Request(by_method[method], REVIEWS[i % len(REVIEWS)])])
+            times.append(time.perf_counter() - t0)
+        return times
+
+    return engine, run
+
+
+def peft_way(engine, prompt_tasks: list[str]):
+    """One PeftModel with one PROMPT_TUNING adapter per demo prompt task (their very prompts),
+    rows grouped per task: fn(rows) -> seconds for the batch."""
+    import copy
+
+    import torch
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    backbone = engine.backbone
+    first = engine.tasks[prompt_tasks[0]]
+    n = first.params["prompt"].shape[0]
+    model = get_peft_model(copy.deepcopy(backbone.model), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n), adapter_name=prompt_tasks[0])
+    for name in prompt_tasks[1:]:
+        model.add_adapter(name, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n))
+    with torch.no_grad():
+        for name in prompt_tasks:
+            model.prompt_encoder[name].embedding.weight.copy_(engine.tasks[name].params["prompt"].to(model.dtype))
+    model.eval()
+    tokenizer = copy.deepcopy(backbone.tokenizer)
+    tokenizer.padding_side = "left"
+
+    def run(rows: list[tuple[str, str]]) -> float:
+        t0 = time.perf_counter()
+        groups: dict[str, list[str]] = defaultdict(list)
+        for task, text in rows:
+            groups[task].append(engine.tasks[task].spec.render(text))
+        with torch.no_grad():
+            for task, texts in groups.items():
+                model.set_adapter(task)
+                enc = tokenizer(texts, padding=True, return_tensors="pt")
+                model(**enc, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=40, help="sequential requests per method per round")
+    parser.add_argument("--rows", type=int, default=192, help="rows per throughput measurement")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--port", type=int, default=8191)
+    parser.add_argument("--quick", action="store_true", help="1 round, 10 requests, 64 rows (a smoke run)")
+    parser.add_argument("--note", default="", help="what else ran on the machine")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.requests, args.rows = 1, 10, 64
+    store = ROOT / "build" / f"bench-serve-store-{os.getpid()}"
+    proc = start_server(store, args.port, args.dtype, args.threads)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        tasks = [t["name"] for t in httpx.get(f"{url}/v1/tasks").json()["tasks"] if t["served"]]
+        by_method = {}
+        for name in sorted(tasks):
+            method = httpx.get(f"{url}/v1/tasks/{name}").json()["method"]
+            by_method.setdefault(method, name)
+        one = by_method[method_for_peft("PROMPT_TUNING")]
+        engine, alone = engine_alone(args.dtype, store, by_method, args.requests)
+        prompt_tasks = [n for n in tasks if httpx.get(f"{url}/v1/tasks/{n}").json()["method"] == method_for_peft("PROMPT_TUNING")]
+        peft_run = peft_way(engine, prompt_tasks)
+        results: dict = {"latency": defaultdict(list), "engine": defaultdict(list), "throughput": defaultdict(list), "p99": defaultdict(list), "peft": []}
+        for _ in range(args.rounds):  # every configuration once per round: background load hits all alike
+            for method, name in by_method.items():
+                results["latency"][method] += asyncio.run(sequential(url, [name], args.requests))
+                results["engine"][method] += alone(method)
+            for concurrency in (1, 8, 32):
+                for label, pool in (("mixed", tasks), ("one", [one])):
+                    rate, lats = asyncio.run(concurrent(url, pool, concurrency, args.rows))
+                    results["throughput"][f"{label}@{concurrency}"].append(rate)
+                    results["p99"][f"{label}@{concurrency}"].append(percentile(lats, 0.99))
+            rows = [(prompt_tasks[i % len(prompt_tasks)], REVIEWS[i % len(REVIEWS)]) for i in range(32)]
+            ours_engine = time.perf_counter()
+            from server.engine import Request
+
+            engine.run([Request(t, x) for t, x in rows])
+            ours_s = time.perf_counter() - ours_engine
+            results["peft"].append({"ours_s": ours_s, "peft_s": peft_run(rows), "rows": len(rows), "tasks": len(prompt_tasks)})
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    summary = {
+        "device": device_name("cpu"), "dtype": args.dtype, "note": args.note, "rounds": args.rounds,
+        "latency_ms": {m: {"p50": 1000 * statistics.median(v), "p99": 1000 * percentile(v, 0.99), "engine_p50": 1000 * statistics.median(results["engine"][m])} for m, v in results["latency"].items()},
+        "throughput_rows_s": {k: statistics.median(v) for k, v in results["throughput"].items()},
+        "p99_ms": {k: 1000 * statistics.median(v) for k, v in results["p99"].items()},
+        "peft": {"ours_over_peft_speed": statistics.median(r["peft_s"] / r["ours_s"] for r in results["peft"]), "runs": results["peft"]},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"serve-cpu-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"### taskserve over HTTP on {summary['device']} ({args.dtype}); {args.note}\n")
+    print("| method | HTTP p50 ms | HTTP p99 ms | engine alone p50 ms | HTTP / engine |\n|---|---:|---:|---:|---:|")
+    for m, v in summary["latency_ms"].items():
+        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x |")
+    print("\n| concurrency | mixed rows/s | one-task rows/s | mixed / one | mixed p99 ms | one p99 ms |\n|---:|---:|---:|---:|---:|---:|")
+    for c in (1, 8, 32):
+        mixed, single = summary["throughput_rows_s"][f"mixed@{c}"], summary["throughput_rows_s"][f"one@{c}"]
+        print(f"| {c} | {mixed:.1f} | {single:.1f} | {mixed / single:.2f}x | {summary['p99_ms'][f'mixed@{c}']:.0f} | {summary['p99_ms'][f'one@{c}']:.0f} |")
+    print(f"\nHF + PEFT grouped per task ({summary['peft']['runs'][0]['tasks']} prompt-tuning tasks, 32 rows): ours (engine) is "
+          f"{summary['peft']['ours_over_peft_speed']:.2f}x faster.\n\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
