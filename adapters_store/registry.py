@@ -19,7 +19,7 @@ from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from server.errors import Conflict, NotFound
+from server.errors import Conflict, NotFound, Overloaded
 from server.task import check_task_name
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -190,6 +190,37 @@ class Registry:
             return s.get(ModuleRow, (method, version)) is not None
 
     # ---- jobs ---------------------------------------------------------------------------------
+    def enqueue(self, name: str, method: str, request: dict[str, Any], max_queued: int) -> dict[str, Any]:
+        """Reserve the name and queue its training job in one transaction — or neither: Conflict if
+        the name is taken, Overloaded when `max_queued` jobs wait already (counted in the same
+        transaction, so the bound holds however many requests race)."""
+        check_task_name(name)
+        try:
+            with self._session.begin() as s:
+                if self._count(s, "queued") >= max_queued:
+                    raise Overloaded(f"{max_queued} training jobs are waiting for a worker already", retry_after=30.0)
+                row = s.get(TaskRow, name, with_for_update=True)
+                if row is not None and row.status == "failed" and row.current_version is None:
+                    row.method, row.status, row.error = method, "pending", None
+                elif row is not None:
+                    raise Conflict(f"task {name!r} already exists")
+                else:
+                    s.add(TaskRow(name=name, method=method, status="pending"))
+                job = JobRow(task=name, request=request)
+                s.add(job)
+                s.flush()
+                return _as_dict(job)
+        except IntegrityError:
+            raise Conflict(f"task {name!r} already exists") from None
+
+    @staticmethod
+    def _count(s, status: str) -> int:
+        return int(s.scalar(select(func.count()).select_from(JobRow).where(JobRow.status == status)))
+
+    def count_jobs(self, status: str) -> int:
+        with self._session() as s:
+            return self._count(s, status)
+
     def create_job(self, task: str, request: dict[str, Any]) -> dict[str, Any]:
         with self._session.begin() as s:
             job = JobRow(task=task, request=request)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from server.data.readers import LabeledText
 from server.data.spec import TaskSpec, clean_label
 from server.engine import Engine
-from server.errors import InvalidRequest
+from server.errors import InputTooLong, InvalidRequest
 from server.methods import method_ids, recipe_for
 from server.settings import Settings
 from server.task import TASK_NAME, Example, Task
@@ -132,6 +132,9 @@ def prepare(body: TaskCreate, engine: Engine, settings: Settings) -> Creation:
     rows = body.training_rows(spec)
     if not 2 <= len(rows) <= settings.max_examples:
         raise InvalidRequest(f"examples: give between 2 and {settings.max_examples} examples, got {len(rows)}")
+    size = sum(len(r.text.encode()) + len(r.label.encode()) for r in rows)
+    if size > settings.max_examples_bytes:
+        raise InputTooLong(f"examples: {size} bytes of text, limit {settings.max_examples_bytes} (TASKSERVE_MAX_EXAMPLES_BYTES)")
     if body.train.steps > settings.max_train_steps:
         raise InvalidRequest(f"train.steps: at most {settings.max_train_steps}")
     body.train_config()  # options that fit no TrainConfig are refused now, not when the job runs

@@ -20,6 +20,7 @@ gather per row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from server.backbone import Backbone, FormModule, masked_mean
 from server.batch import BatchContext, pack_rows
 from server.configs import require
 from server.decoding import GREEDY, Decoding, Sampling
-from server.errors import InputTooLong, InvalidRequest, TaskservError
+from server.errors import InputTooLong, InvalidRequest, NonFinite, TaskservError
 from server.hooks import ContextHooks
 from server.methods import BackboneDims, Method, RowGroup, method_class
 from server.runners import DecoderRunner, Encoded, FormRequest, Seq2SeqRunner, pad_ids
@@ -126,14 +127,20 @@ class Running:
     def done(self) -> bool:
         return self.out.decoding is None or self.out.decoding.done
 
-    def finished(self) -> dict[int, Result]:
+    def finished(self) -> dict[int, Result | TaskservError]:
         """The results ready before any decoding step: classification rows."""
-        return {self.index[row]: self.engine.result(self.plan, self.out, row) for row in self.out.label_scores}
+        return {self.index[row]: self._result(row) for row in self.out.label_scores}
 
     @torch.no_grad()
-    def advance(self) -> dict[int, Result]:
+    def advance(self) -> dict[int, Result | TaskservError]:
         rows = self.out.decoding.advance()
-        return {self.index[self.out.gen_rows[i]]: self.engine.result(self.plan, self.out, self.out.gen_rows[i]) for i in rows}
+        return {self.index[self.out.gen_rows[i]]: self._result(self.out.gen_rows[i]) for i in rows}
+
+    def _result(self, row: int) -> Result | TaskservError:
+        try:
+            return self.engine.result(self.plan, self.out, row)
+        except TaskservError as exc:  # this row's own failure (e.g. NaN scores): its batch-mates are unaffected
+            return exc
 
 
 def default_methods(backbone: Backbone, form: FormModule | None, **configs: Any) -> dict[str, nn.Module]:
@@ -276,6 +283,8 @@ class Engine:
         prompt_tokens = len(plan.prompt_ids[row])
         if row in out.label_scores:
             probs = out.label_scores[row].softmax(-1).tolist()
+            if not all(math.isfinite(p) for p in probs):
+                raise NonFinite(f"task {task.name!r}: the label scores of this input came out NaN or infinite")
             best = max(range(len(probs)), key=probs.__getitem__)
             label = task.spec.labels[best]
             return Result(task.name, task.version, label, label, dict(zip(task.spec.labels, probs)), "stop", prompt_tokens, len(plan.loaded[row].targets[best]))

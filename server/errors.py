@@ -105,3 +105,9 @@ class JobFailed(TaskservError):
     """A training job the client waited for ended failed or cancelled (its error in the message)."""
 
     type, status = "job_failed", 500
+
+
+class NonFinite(TaskservError):
+    """A task's tensors or a row's scores are NaN or infinite: there is no honest answer to give."""
+
+    type, status = "non_finite", 500

@@ -84,7 +84,12 @@ class Settings(BaseSettings):
     SQLite file inside the store."""
 
     api_key: str | None = None
-    """When set, task-changing endpoints require `Authorization: Bearer <key>` (or `X-API-Key`)."""
+    """When set, task-changing endpoints require `Authorization: Bearer <key>` (or `X-API-Key`).
+    Without it, `taskserve serve` only binds to loopback (see `allow_open_admin`)."""
+
+    allow_open_admin: bool = False
+    """Let `taskserve serve` bind to a non-loopback address without an API key, every task-changing
+    route open to whoever reaches it (a private network you trust); otherwise it refuses to start."""
 
     max_batch_rows: int = Field(default=64, ge=1)
     """Most rows the dynamic batcher puts in one forward."""
@@ -116,6 +121,12 @@ class Settings(BaseSettings):
     max_train_steps: int = Field(default=2000, ge=1)
     """Most training steps a `POST /v1/tasks` request may ask for (422 past it)."""
 
+    max_examples_bytes: int = Field(default=1_000_000, ge=1)
+    """Most bytes of example text (inputs and targets) a `POST /v1/tasks` request may carry (413 past it)."""
+
+    max_queued_jobs: int = Field(default=32, ge=1)
+    """Most training jobs waiting for a worker; a training request past it gets 429 with Retry-After."""
+
     embedded_worker: bool = True
     """`taskserve serve` also starts a training worker process (set false when workers run separately)."""
 
@@ -139,7 +150,7 @@ class Settings(BaseSettings):
     def plugin_modules(self) -> list[str]:
         return [name.strip() for name in self.plugins.split(",") if name.strip()]
 
-    @field_validator("db_url", "api_key", "seed_store", mode="before")
+    @field_validator("db_url", "api_key", "seed_store", "threads", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`TASKSERVE_DB_URL=` (e.g. from a compose default) means "not set", not an empty URL."""

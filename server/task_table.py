@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from server.backbone import Backbone
 from server.data.spec import TaskSpec
-from server.errors import Conflict, Incompatible, InvalidRequest, NotFound
+from server.errors import Conflict, Incompatible, InvalidRequest, NonFinite, NotFound
 from server.methods import Method, method_class
 from server.methods.base import Vocabulary
 from server.task import Task
@@ -229,8 +229,13 @@ class TaskTable(Mapping[str, Task]):
         device_task = _with_params(task, device)
         if host is None:
             host = task if all(p.device.type == "cpu" for p in task.params.values()) else _with_params(task, "cpu")
+        for key, value in task.params.items():
+            if not torch.isfinite(value.detach()).all():
+                raise NonFinite(f"task {task.name!r} v{task.version}: its {key!r} holds NaN or infinite values; refused")
         with torch.no_grad():
             static = {k: v.detach() for k, v in method.static(device_task).items()}
+            if not all(bool(torch.isfinite(v).all()) for v in static.values()):
+                raise NonFinite(f"task {task.name!r} v{task.version}: its {method.method_id} tensors come out NaN or infinite; refused")
             if self.prefix_cache is not None and method.static_prefix and static["prompt"].shape[0] > 0:
                 static["prefix_kv"] = self.prefix_cache(static["prompt"])  # [L, 2, kvh, m, hd], once per version
         targets = [self.backbone.label_ids(label, task.spec.template) for label in task.spec.labels]

@@ -200,7 +200,7 @@ def test_api_and_worker_share_their_settings() -> None:
     assert all(api[k] == worker[k] for k in worker)
     # Passed through from the shell, never as an empty value (`VAR:` = unset in the container when the
     # shell has none; `${VAR:-}` would hand the app an empty string).
-    for key in ("TASKSERVE_DB_URL", "TASKSERVE_API_KEY"):
+    for key in ("TASKSERVE_DB_URL", "TASKSERVE_API_KEY", "TASKSERVE_ALLOW_OPEN_ADMIN"):
         assert api[key] is None and worker[key] is None, f"{key} must be a bare pass-through"
 
 

@@ -56,7 +56,8 @@ def deployment(toy, tmp_path_factory) -> Iterator[tuple[str, Engine, Store]]:
         "TASKSERVE_STORE": str(root / "store"), "TASKSERVE_SEED_STORE": "", "TASKSERVE_PORT": str(port), "TASKSERVE_API_KEY": KEY,
         "TASKSERVE_DEVICE": "cpu", "TASKSERVE_DTYPE": "float32", "TASKSERVE_SYNC_INTERVAL_S": "0.2", "TASKSERVE_WORKER_POLL_S": "0.2",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = (root / "server.log").open("w")  # a file, not a pipe: nobody reads a pipe, and a full one blocks the server
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -81,6 +82,7 @@ def deployment(toy, tmp_path_factory) -> Iterator[tuple[str, Engine, Store]]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def wait(predicate, what: str, seconds: float = 60) -> None:
@@ -135,11 +137,11 @@ def test_trained_by_the_worker_from_examples_through_the_cli(deployment, tmp_pat
     examples.write_text("\n".join(json.dumps({"text": t, "label": target}) for t in TEXTS) + "\n")
     monkeypatch.setenv("TASKSERVE_API_KEY", KEY)
     assert main(["tasks", "create", "toy-learned", "--method", TOY, "--examples", str(examples), "--labels", "negative,positive",
-                 "--template", SPEC.template, "--scoring", "sum", "--steps", "30", "--url", url]) == 0
+                 "--template", SPEC.template, "--scoring", "sum", "--steps", "30", "--prompt-lr", "0.3", "--url", url]) == 0
     job = capsys.readouterr().out.strip().rsplit(" ", 1)[-1]
-    jobs = lambda: httpx.get(f"{url}/v1/jobs/{job}").json()  # noqa: E731
+    jobs = lambda: httpx.get(f"{url}/v1/jobs/{job}", timeout=60).json()  # noqa: E731
     wait(lambda: jobs()["status"] in ("succeeded", "failed", "cancelled"), "the worker finishes the job", 120)
     assert jobs()["status"] == "succeeded", jobs()
-    wait(lambda: httpx.post(f"{url}/v1/predict", json={"task": "toy-learned", "text": "x"}).status_code == 200, "the trained task is hot-loaded")
-    got = httpx.post(f"{url}/v1/predict", json={"inputs": [{"task": "toy-learned", "text": t} for t in TEXTS]}).json()["results"]
+    wait(lambda: httpx.post(f"{url}/v1/predict", json={"task": "toy-learned", "text": "x"}, timeout=60).status_code == 200, "the trained task is hot-loaded")
+    got = httpx.post(f"{url}/v1/predict", json={"inputs": [{"task": "toy-learned", "text": t} for t in TEXTS]}, timeout=60).json()["results"]
     assert start.count(target) <= len(TEXTS) // 2 and [r["label"] for r in got] == [target] * len(TEXTS)

@@ -75,3 +75,14 @@ def test_import_does_not_import_torch() -> None:
 
     code = "import sys, server.settings; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_settings_survive_the_environment_round_trip(monkeypatch) -> None:
+    """The embedded worker gets the server's settings as TASKSERVE_* variables: every field, unset
+    optional ones included (read back as "unset", not as a value to parse), reads back the same."""
+    from server.api.supervisor import settings_env
+
+    for original in (Settings(), Settings(threads=3, api_key="k", db_url="sqlite:///x.db", plugins="a.b")):
+        for name, value in settings_env(original).items():
+            monkeypatch.setenv(name, value)
+        assert Settings().model_dump() == original.model_dump()

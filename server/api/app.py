@@ -25,13 +25,28 @@ from server.api.state import AppState
 from server.api.supervisor import WorkerProcess
 from server.batcher import Batcher, BatcherConfig, Partial
 from server.engine import Engine
-from server.errors import Overloaded, TaskservError
+from server.errors import InvalidRequest, Overloaded, TaskservError
 from server.factory import build_engine
 from server.methods import load_plugins
 from server.settings import Settings
 from server.store_sync import attach, sync
 
 log = logging.getLogger("taskserve.api")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve task-changing routes without an API key to anyone but this machine: bound
+    to another address, the server needs TASKSERVE_API_KEY, or an explicit TASKSERVE_ALLOW_OPEN_ADMIN."""
+    if settings.api_key or settings.allow_open_admin or settings.host in LOOPBACK:
+        return
+    raise InvalidRequest(
+        f"host: refusing to bind {settings.host} without an API key — every route that creates or deletes tasks would be open "
+        "to whoever reaches it. Set TASKSERVE_API_KEY (clients send `Authorization: Bearer <key>`), bind to 127.0.0.1, or "
+        "set TASKSERVE_ALLOW_OPEN_ADMIN=true on a network you trust."
+    )
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

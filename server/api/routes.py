@@ -101,8 +101,7 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
     engine, registry = state.engine, state.store.registry
     accepted = creation.prepare(body, engine, state.settings)
     if accepted.trains:
-        await asyncio.to_thread(registry.reserve, body.name, body.method)
-        job = await asyncio.to_thread(registry.create_job, body.name, body.model_dump(mode="json"))
+        job = await asyncio.to_thread(registry.enqueue, body.name, body.method, body.model_dump(mode="json"), state.settings.max_queued_jobs)
         response.status_code = 202
         return TaskCreated(task=_public(await asyncio.to_thread(registry.get_task, body.name), engine.tasks.snapshot()), job=job["id"])
     if await asyncio.to_thread(registry.exists, body.name):

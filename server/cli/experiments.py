@@ -189,7 +189,7 @@ def add_parsers(sub) -> None:
         cmd.add_argument("--batch-size", type=int, default=8)
         cmd.add_argument("--lr", type=float)
         cmd.add_argument("--prompt-lr", type=float, help="soft-prompt learning rate, absolute (default: relative to the embedding RMS)")
-        cmd.add_argument("--prompt-lr-relative", type=float, help="soft-prompt learning rate in units of the embedding RMS (default 0.1)")
+        cmd.add_argument("--prompt-lr-relative", type=float, help="soft-prompt learning rate in units of the embedding RMS (default 0.03)")
         cmd.add_argument("--eval-every", type=int)
         cmd.add_argument("--val-rows", type=int, default=100, help="validation rows per task per evaluation")
         cmd.add_argument("--eval-rows", type=int, default=300, help="test rows per task")

@@ -13,8 +13,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.api import create_app
+    from server.api.app import check_exposure
 
     settings = settings_from(args)
+    check_exposure(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=30)
     return 0
 

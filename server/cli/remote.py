@@ -59,7 +59,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             fields = {
                 "description": args.description, "template": args.template, "scoring": args.scoring, "labels": _labels(args.labels),
                 "examples": read_examples(args.examples) if args.examples else None,
-                "train": {"steps": args.steps} if args.steps else None,
+                "train": {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("prompt_lr", args.prompt_lr)) if v} or None,
             }
             created = client.create_task(args.name, args.method, **fields)
             task = created["task"]
@@ -146,6 +146,8 @@ def add_parsers(sub) -> None:
     tasks.add_argument("--template", help="create / import-peft: input template with {text}")
     tasks.add_argument("--scoring", choices=("first", "sum", "mean"), help="create / import-peft: how labels are scored")
     tasks.add_argument("--steps", type=int, help="create: training steps of the job")
+    tasks.add_argument("--lr", type=float, help="create: the job's learning rate for networks")
+    tasks.add_argument("--prompt-lr", type=float, help="create: the job's soft-prompt learning rate, absolute (default: scaled to the backbone)")
     tasks.add_argument("--wait", action="store_true", help="create: follow the training job to its end (a progress bar)")
     tasks.add_argument("--base-model", help="export-peft: base_model_name_or_path to record (default: the backbone's fingerprint)")
     tasks.set_defaults(func=cmd_tasks)

@@ -9,6 +9,7 @@ multi-task training and few-shot transfer are measured on the same test rows.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -86,7 +87,7 @@ def multitask(
         rows = {t.name: [dataclasses.replace(e, task=t.name) for e in data[stage.data_of(t.name)].train] for t in stage.tasks}
         validation = {t.name: [dataclasses.replace(e, task=t.name) for e in data[stage.data_of(t.name)].validation] for t in stage.tasks}
         progress = (lambda p, s=stage.name: on_progress(s, p)) if on_progress else None
-        checkpoint = checkpoints / f"{method}-{stage.name}.pt" if checkpoints else None
+        checkpoint = checkpoints / f"{method}-{stage.name}" if checkpoints else None
         result = train(engine, stage.tasks, rows, validation, stage.trainables, config, progress, checkpoint)
         history[stage.name] = {"best_step": result.best_step, "best_val_accuracy": result.best_score, "history": result.history}
         if stage.finish is not None:
@@ -110,7 +111,7 @@ def multitask(
         report["module_version"] = version
         if checkpoints:
             for stage in plan.stages:
-                (checkpoints / f"{method}-{stage.name}.pt").unlink(missing_ok=True)
+                shutil.rmtree(checkpoints / f"{method}-{stage.name}", ignore_errors=True)
     return report
 
 

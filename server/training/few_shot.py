@@ -127,7 +127,7 @@ def learn(
             if on_progress is not None:
                 on_progress(phase, dataclasses.replace(p, step=offset + p.step, total=total))
 
-        checkpoint = checkpoints / f"{phase.replace(' ', '-')}.pt" if checkpoints else None
+        checkpoint = checkpoints / phase.replace(" ", "-") if checkpoints else None
         with engine.tasks.temporary(task):
             result = train(engine, [task], {scratch: train_part}, {scratch: held} if held else {}, recipe.trainables(task), config, progress, checkpoint, should_stop, **kwargs)
         done_before += result.steps

@@ -15,18 +15,18 @@ import contextlib
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from server import atomic
 from server.configs import require
 from server.engine import Engine
 from server.errors import Cancelled, InvalidRequest
 from server.methods.recipe import Trainable
 from server.task import Example, Task
+from server.training import checkpoints
 from server.training.evaluate import evaluate, misfit
 
 __all__ = ["Cancelled", "Progress", "TrainConfig", "TrainResult", "Trainable", "train"]
@@ -47,7 +47,7 @@ class TrainConfig:
     so the step is a fixed share of a token embedding's scale on any backbone. (Lester et al., ATTEMPT
     and TPV use 0.3 on T5; on SmolLM2, whose entries have RMS 0.136, 0.3 made prompt rows grow ~10×
     beyond any token embedding and collapse to one label.)"""
-    prompt_lr_relative: float = 0.1
+    prompt_lr_relative: float = 0.03
     """The soft-prompt learning rate in units of the embedding RMS, when `prompt_lr` is None."""
     prototype_lr: float = 1e-2
     """A new PHA task's prototype when it trains alone against the frozen hypernetwork (few-shot)."""
@@ -214,29 +214,22 @@ def _refresh(engine: Engine, tasks: Sequence[Task]) -> None:
 
 
 def _save(path: Path, step: int, trainables: Sequence[Trainable], optimizer, schedule, state: _State) -> None:
-    payload = {
-        "step": step,
-        "values": {t.name: t.param.detach().cpu() for t in trainables},
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "state": {**asdict(state), "best_values": [v.cpu() for v in state.best_values] if state.best_values else None},
-    }
-    with atomic.replacing_file(path) as tmp:  # a crash mid-write leaves the previous checkpoint
-        torch.save(payload, tmp)
+    bookkeeping = {"best_score": state.best_score, "best_step": state.best_step, "history": state.history, "best_loss": state.best_loss}
+    checkpoints.save(path, step, {t.name: t.param for t in trainables}, optimizer.state_dict(), schedule.state_dict(), bookkeeping, state.best_values)
 
 
 def _resume(path: Path, trainables: Sequence[Trainable], optimizer, schedule, state: _State) -> int:
-    if not path.exists():
+    saved = checkpoints.load(path)
+    if saved is None:
         return 0
-    payload = torch.load(path, map_location="cpu", weights_only=False)
     with torch.no_grad():
         for t in trainables:
-            t.param.copy_(payload["values"][t.name].to(t.param.device))
-    optimizer.load_state_dict(payload["optimizer"])
-    schedule.load_state_dict(payload["schedule"])
-    saved = payload["state"]
-    state.best_score, state.best_step, state.history = saved["best_score"], saved["best_step"], saved["history"]
-    state.best_loss = saved.get("best_loss", math.inf)
-    if saved["best_values"]:
-        state.best_values = [v.to(t.param.device) for v, t in zip(saved["best_values"], trainables)]
-    return int(payload["step"])
+            t.param.copy_(saved["values"][t.name].to(t.param.device))
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    book = saved["state"]
+    state.best_score, state.best_step, state.history = book["best_score"], book["best_step"], book["history"]
+    state.best_loss = book.get("best_loss", math.inf)
+    if saved["best"] is not None:
+        state.best_values = [v.to(t.param.device) for v, t in zip(saved["best"], trainables)]
+    return saved["step"]

@@ -44,7 +44,7 @@ def test_text_init_reproduces_the_descriptions_token_embeddings() -> None:
 def test_prompt_learning_rate_follows_the_embedding_scale() -> None:
     embedding = torch.randn(100, 8) * 0.5
     rms = float(embedding.pow(2).mean().sqrt())
-    assert TrainConfig().prompt_lr_for(embedding) == pytest.approx(0.1 * rms)
+    assert TrainConfig().prompt_lr_for(embedding) == pytest.approx(0.03 * rms)
     assert TrainConfig(prompt_lr_relative=0.3).prompt_lr_for(embedding * 4) == pytest.approx(0.3 * 4 * rms)
     assert TrainConfig(prompt_lr=0.3).prompt_lr_for(embedding) == 0.3  # explicit: absolute
     assert TrainConfig.for_job(steps=60).eval_every == 10

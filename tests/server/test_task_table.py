@@ -73,3 +73,34 @@ def test_the_table_reads_like_a_mapping_of_host_copies() -> None:
     assert sorted(engine.tasks) == sorted(names) and len(engine.tasks) == len(names)
     assert all(p.device.type == "cpu" for t in engine.tasks.values() for p in t.params.values())
     assert engine.tasks.get("nope") is None
+
+
+def test_a_task_with_non_finite_weights_is_refused_with_a_reason() -> None:
+    from server.errors import NonFinite
+
+    engine = make_engine("llama")
+    for method, key in (("prompt_tuning", "prompt"), ("pha", "prototype")):
+        task = engine.tasks.new(f"bad-{method}", method, CLASSIFY)
+        with torch.no_grad():
+            task.params[key].view(-1)[0] = float("nan")
+        with pytest.raises(NonFinite, match="NaN or infinite"):
+            engine.tasks.add(task)
+        assert task.name not in engine.tasks
+
+
+def test_nan_scores_fail_their_row_not_its_batch(monkeypatch) -> None:
+    """Scores that come out NaN at run time (e.g. an overflow) are that row's error, never a label."""
+    from server.errors import NonFinite
+
+    engine = make_engine("llama")
+    names = add_tasks(engine, per_method=1)
+    original = engine.runner.label_logprobs
+
+    def poisoned(enc, ctx, pair_row, targets):  # the first row's scores become NaN
+        out = original(enc, ctx, pair_row, targets).clone()
+        out[pair_row == 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(engine.runner, "label_logprobs", poisoned)
+    outcomes = engine.run_each([Request(names[0], "x"), Request(names[1], "y")])
+    assert isinstance(outcomes[0], NonFinite) and outcomes[1].label is not None

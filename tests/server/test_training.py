@@ -4,6 +4,7 @@ multi-task run publishes what a fresh process then serves identically, and evalu
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from server.methods import recipe_for
 from server.methods.recipe import served_name
 from server.store_sync import attach
 from server.training.workbench import Workbench
+from server.errors import CorruptArtifact
 from server.training.trainer import Cancelled, TrainConfig, train
 
 SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels=(" negative", " positive"), description="Tell me the sentiment:", scoring="sum")
@@ -55,7 +57,7 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> N
 
     straight = run(None)
     assert run(tmp_path / "ckpt.pt", stop_after=7) is None  # killed after step 7; the checkpoint holds step 5
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 5
+    assert json.loads((tmp_path / "ckpt.pt" / "state.json").read_text())["step"] == 5  # a safetensors + JSON folder, no pickle
     resumed = run(tmp_path / "ckpt.pt")
     assert torch.allclose(resumed, straight, atol=1e-6)
     assert not torch.equal(straight, make_engine("llama").tasks.new("t", "prompt_tuning", SPEC, seed=1).params["prompt"])
@@ -147,3 +149,38 @@ def test_tpv_few_shot_of_a_described_task_starts_from_the_better_of_theta_init_a
     text_prompt = engine.tasks.new("t", "tpv", SPEC).params["tau"].detach() + theta
     want = text_prompt if best == "text" else theta
     assert torch.allclose(task.params["tau"].detach().cpu() + theta, want, atol=1e-6)
+
+
+def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(tmp_path: Path) -> None:
+    """Resuming never unpickles: a file whose unpickling would run code (here: create a marker)
+    planted where the checkpoint is expected is refused, and its payload never runs."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    engine = make_engine("llama")
+    task = engine.tasks.new("t", "prompt_tuning", SPEC, seed=1).on(engine.backbone.device)
+    engine.tasks.add(task)
+    trainables = recipe_for("prompt_tuning").trainables(task)
+    config = TrainConfig(steps=4, batch_size=4, checkpoint_every=2, eval_every=2)
+    as_file = tmp_path / "ckpt-file"
+    as_file.write_bytes(pickle.dumps(Payload()))  # the old single-file .pt format, a pickle
+    as_folder = tmp_path / "ckpt-folder"
+    as_folder.mkdir()
+    (as_folder / "state.json").write_text('{"step": 2}')
+    (as_folder / "tensors.safetensors").write_bytes(pickle.dumps(Payload()))
+    for planted in (as_file, as_folder):
+        with pytest.raises(CorruptArtifact, match="refused"):
+            train(engine, [task], {"t": rows("t", 8)}, {}, trainables, config, checkpoint=planted)
+    assert not marker.exists()
+
+
+def test_no_server_code_unpickles() -> None:
+    root = Path(__file__).parents[2]
+    found = [f"{p.relative_to(root)}: {line.strip()}" for folder in ("server", "adapters_store", "client") for p in (root / folder).rglob("*.py")
+             for line in p.read_text().splitlines() if "torch.load(" in line or "import pickle" in line or "pickle.load" in line]
+    assert not found, found

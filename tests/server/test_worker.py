@@ -55,7 +55,7 @@ def test_few_shot_recipe_lowers_the_loss_and_leaves_the_engine_as_it_was(method:
     rows = [Example("new", e.text, target) for e in ROWS]
     start = evaluate(engine, [Example("probe", e.text, target) for e in ROWS])["accuracy"]
     engine.tasks.remove("probe")
-    task, result, _ = few_shot(engine, "new", method, SPEC, rows[:16], rows[16:], {}, TrainConfig(steps=40, batch_size=8, eval_every=10, lr=3e-3, prototype_lr=5e-2))
+    task, result, _ = few_shot(engine, "new", method, SPEC, rows[:16], rows[16:], {}, TrainConfig(steps=40, batch_size=8, eval_every=10, lr=3e-3, prototype_lr=5e-2, prompt_lr_relative=0.3))
     engine.tasks.add(task)
     end = evaluate(engine, rows)["accuracy"]
     assert start <= 0.5 and end == 1.0, (start, end, result.history)

@@ -256,3 +256,30 @@ def test_unversioned_aliases_route_to_the_same_handlers(server) -> None:
     assert httpx.post(f"{url}/predict", json={"task": "alias-plain", "text": "great"}).json() == httpx.post(f"{url}/v1/predict", json={"task": "alias-plain", "text": "great"}).json()
     error(httpx.post(f"{url}/tasks", json={"name": "x", "method": "ip"}), 401, "unauthorized")
     assert "/tasks" not in httpx.get(f"{url}/openapi.json").json()["paths"]  # documented once, under /v1
+
+
+def test_training_requests_are_bounded_in_bytes_and_queued_jobs(server, tmp_path) -> None:
+    """413 past the examples' byte limit; 429 with Retry-After once the queue of jobs is full —
+    and a refused request reserves nothing."""
+    from adapters_store.registry import Registry
+
+    url, store_root, _ = server
+    big = {"name": "big", "method": "pha", "labels": ["no", "yes"], "examples": [{"text": "x" * 60_000, "label": "yes"}, {"text": "y" * 60_000, "label": "no"}] * 10}
+    error(httpx.post(f"{url}/v1/tasks", json=big, headers=KEY), 413, "input_too_long")
+    registry = Registry(f"sqlite:///{store_root / 'registry.db'}")
+    try:
+        queued = registry.count_jobs("queued")
+        body = {"method": "pha", "labels": ["no", "yes"], "examples": [{"text": "a", "label": "yes"}, {"text": "b", "label": "no"}]}
+        created = []
+        for i in range(32 - queued):
+            r = httpx.post(f"{url}/v1/tasks", json={**body, "name": f"queued-{i}"}, headers=KEY)
+            assert r.status_code == 202, r.text
+            created.append(r.json()["job"])
+        full = httpx.post(f"{url}/v1/tasks", json={**body, "name": "one-too-many"}, headers=KEY)
+        error(full, 429, "overloaded")
+        assert int(full.headers["Retry-After"]) > 0
+        error(httpx.get(f"{url}/v1/tasks/one-too-many"), 404, "not_found")  # nothing reserved
+        for job in created:
+            httpx.delete(f"{url}/v1/jobs/{job}", headers=KEY)
+    finally:
+        registry.close()

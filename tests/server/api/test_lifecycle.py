@@ -121,3 +121,18 @@ def test_not_started_app_answers_503(tmp_path: Path) -> None:
     for response in (ready, predict):
         assert response.status_code == 503 and response.json()["error"]["type"] == "not_ready"
     assert health.status_code == 200  # alive, just not ready
+
+
+def test_serve_refuses_an_open_admin_surface_off_loopback(monkeypatch, capsys) -> None:
+    """Bound to anything but loopback without an API key, `taskserve serve` refuses to start."""
+    from server.api.app import check_exposure
+    from server.cli import main
+    from server.settings import Settings
+
+    monkeypatch.setenv("TASKSERVE_HOST", "0.0.0.0")
+    monkeypatch.delenv("TASKSERVE_API_KEY", raising=False)
+    assert main(["serve"]) == 1
+    assert "refusing to bind 0.0.0.0 without an API key" in capsys.readouterr().err
+    check_exposure(Settings(host="0.0.0.0", api_key="k"))  # a key: fine
+    check_exposure(Settings(host="0.0.0.0", allow_open_admin=True))  # an explicit opt-out: fine
+    check_exposure(Settings(host="127.0.0.1"))  # loopback: fine
