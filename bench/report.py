@@ -126,11 +126,30 @@ def default_jobs_table(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+LR_SETTINGS = {"promptlrrelative": "{} × embedding RMS", "promptlr": "{} (absolute: the seeds' T5 value)"}
+
+
+def lr_calibration_table(folder: Path) -> str:
+    """Prompt-tuning few-shot runs that differ only in the soft-prompt learning rate, one
+    `lr-calib-<setting>.json` report per setting (the setting is the file's tag: `promptlr0.3`,
+    `promptlrrelative0.03`)."""
+    lines = ["| soft-prompt lr | task | k | steps | seeds | accuracy per seed | mean |", "|---|---|---:|---:|---:|---|---:|"]
+    for path in sorted(folder.glob("lr-calib-*.json"), key=lambda p: ("relative" not in p.stem, p.stem)):
+        tag = path.stem.removeprefix("lr-calib-")
+        kind = "promptlrrelative" if tag.startswith("promptlrrelative") else "promptlr"
+        runs = sorted(json.loads(path.read_text())["few_shot"], key=lambda r: r["seed"])
+        accs = [r["test"]["accuracy"] for r in runs]
+        lines.append(f"| {LR_SETTINGS[kind].format(tag.removeprefix(kind))} | {runs[0]['task']} | {runs[0]['k']} | {runs[0]['steps_trained']} | "
+                     f"{len(runs)} | {' / '.join(f'{a:.3f}' for a in accs)} | {statistics.fmean(accs):.3f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "(not run)\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     folder = Path((argv or sys.argv[1:] or ["docs/results"])[0])
     print("## Multi-task\n\n" + multitask_table(folder))
     print("## Few-shot jobs, default request\n\n" + default_jobs_table(folder))
     print("## Few-shot transfer\n\n" + few_shot_table(folder))
+    print("## Soft-prompt learning rate\n\n" + lr_calibration_table(folder))
     print("## Few-shot jobs through the server\n\n" + jobs_table(folder))
     return 0
 

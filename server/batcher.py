@@ -7,7 +7,9 @@ request whose rows do not all fit is refused whole with Overloaded (HTTP 429 wit
 row whose deadline passed, or whose caller went away (its future was cancelled), is dropped before
 it runs. The batch function returns one outcome per row — a result, or that row's own error — so
 one bad row never fails its batch-mates; if the call fails as a whole, its rows are retried one by
-one. It may also return a `Partial`: rows that are still generating come with a continuation, which
+one. A row's outcome may also be a `concurrent.futures.Future` (a row handed to another engine,
+e.g. vLLM): the row settles when it resolves, and a caller going away cancels it. It may also
+return a `Partial`: rows that are still generating come with a continuation, which
 the loop advances one token at a time, running the next queued batch between two tokens, so a long
 generation never holds other rows behind it for more than one decode step (iteration-level
 scheduling). A multi-row request fails fast: its first failing row cancels the others, which are dropped
@@ -21,7 +23,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -105,6 +107,7 @@ class Batcher(Generic[T]):
         self._closing = False
         self._dropped = 0
         self._active: list[tuple[Continuation, list[_Item[T]]]] = []  # batches still generating (engine thread only)
+        self._deferred: set[asyncio.Future] = set()  # rows answered by a Future not resolved yet (event loop only)
 
     def start(self) -> None:
         if self._task is None:
@@ -154,6 +157,8 @@ class Batcher(Generic[T]):
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._deferred:  # rows another engine is still answering
+            await asyncio.wait(set(self._deferred))
         self._executor.shutdown(wait=True)
 
     def _live(self, item: _Item[T], now: float) -> bool:
@@ -229,7 +234,17 @@ class Batcher(Generic[T]):
                 except Exception as exc:  # noqa: BLE001 - handed to the caller as its own error
                     outcomes.append((item, exc))
         for item, outcome in outcomes:
-            item.future.get_loop().call_soon_threadsafe(_settle, item, outcome)
+            item.future.get_loop().call_soon_threadsafe(self._settle_or_defer, item, outcome)
+
+    def _settle_or_defer(self, item: _Item[T], outcome: Any) -> None:
+        """On the event loop: settle a row, or — answered by a Future — when that resolves."""
+        if not isinstance(outcome, Future):
+            _settle(item, outcome)
+            return
+        loop = item.future.get_loop()
+        self._deferred.add(item.future)
+        item.future.add_done_callback(lambda f: (self._deferred.discard(f), outcome.cancel() if f.cancelled() else None))
+        outcome.add_done_callback(lambda f: loop.call_soon_threadsafe(_settle, item, _resolved(f)))
 
     def _advance(self) -> None:
         """On the engine thread: one step of every generating batch; settle the rows it finished."""
@@ -256,6 +271,13 @@ def _finish(answer: Any) -> Any:
     while 0 not in answer.outcomes:
         answer.outcomes.update(answer.rest.advance())
     return answer.outcomes[0]
+
+
+def _resolved(future: Future) -> Any:
+    """A finished Future's outcome: its result, or its exception (a cancelled one: the caller left)."""
+    if future.cancelled():
+        return DeadlineExceeded("the row was cancelled before it was answered")
+    return future.exception() or future.result()
 
 
 def _settle(item: _Item, outcome: Any) -> None:

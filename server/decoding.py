@@ -60,6 +60,16 @@ class TokenEvent:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class Generated:
+    """A finished generation as another engine (vLLM) hands it back: what a `Decoding` row ends with."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[dict] | None = None
+
+
 @dataclass
 class _Row:
     sampling: Sampling

@@ -13,6 +13,12 @@ Between the first pass and the end of generation a batch can also be held `Runni
 batcher advances it one token at a time and runs new batches in between.
 `loss(examples)` runs the same path with gradients flowing into method parameters only.
 
+With a second engine that takes prompt embeddings (`offload`, e.g. vLLM), rows whose method is
+`prefix_only` (soft prompts, the plain backbone) are handed over as [prefix; token embeddings],
+computed here by the same methods; their results come back as futures. Everything else — IP, PHA,
+multi-token labels scored by `sum`/`mean` — runs here. A row's answer never depends on where its
+batch-mates ran.
+
 Task bookkeeping (tasks, shared-module versions, device residency) is `self.tasks`, a `TaskTable`.
 There is no Python loop over tasks in the forward: rows carry their task as an index and methods
 gather per row.
@@ -21,8 +27,10 @@ gather per row.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,15 +38,15 @@ from torch import Tensor, nn
 from server.backbone import Backbone, FormModule, masked_mean
 from server.batch import BatchContext, pack_rows
 from server.configs import require
-from server.decoding import GREEDY, Decoding, Sampling
-from server.errors import InputTooLong, InvalidRequest, NonFinite, TaskservError
+from server.decoding import GREEDY, Decoding, Generated, Sampling, TokenEvent
+from server.errors import Incompatible, InputTooLong, InvalidRequest, NonFinite, TaskservError
 from server.hooks import ContextHooks
 from server.methods import BackboneDims, Method, RowGroup, method_class
 from server.runners import DecoderRunner, Encoded, FormRequest, Seq2SeqRunner, pad_ids
 from server.task import Example, Request, Task
 from server.task_table import LoadedTask, ModuleKey, TaskTable
 
-__all__ = ["Engine", "EngineConfig", "Example", "Output", "Plan", "Request", "Result", "backbone_dims", "default_methods"]
+__all__ = ["EmbedsEngine", "Engine", "EngineConfig", "Example", "Output", "Plan", "Request", "Result", "backbone_dims", "default_methods"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,36 @@ class Plan:
     sinks: list[Any] = field(default_factory=list)
     loaded: list[LoadedTask] = field(default_factory=list)
     """Filled by `execute`: the resident copies of `tasks` (row by row) the batch ran with."""
+
+
+    def subset(self, rows: list[int]) -> Plan:
+        """The plan of these rows only (in this order), with its groups rebuilt."""
+        sub = Plan(tasks=[self.tasks[r] for r in rows], prompt_ids=[self.prompt_ids[r] for r in rows],
+                   form_texts=[self.form_texts[r] for r in rows], max_new=[self.max_new[r] for r in rows],
+                   sampling=[self.sampling[r] for r in rows], sinks=[self.sinks[r] for r in rows])
+        position = {r: i for i, r in enumerate(rows)}
+        for key, group in self.groups.items():
+            mine = [position[r] for r in group.rows if r in position]
+            if mine:
+                sub.groups[key] = Group(group.method, sorted(mine))
+        return sub
+
+
+class EmbedsEngine(Protocol):
+    """A second engine that runs rows given as input embeddings ([prefix; tokens], [n, d]); callable
+    from any thread (`server.vllm_engine.VllmEngine`)."""
+
+    name: str
+    """What the engine's row counts call it (`vllm`)."""
+
+    def score(self, embeds: Tensor, token_ids: list[int]) -> Future:
+        """Future[list[float]]: log p(token | prompt) of each of `token_ids` at the next position."""
+
+    def generate(self, embeds: Tensor, max_new: int, sampling: Sampling, sink: Callable[[TokenEvent], None] | None = None) -> Future:
+        """Future[Generated], the text streamed to `sink` as it comes."""
+
+    def close(self) -> None:
+        """Stop the engine (requests in flight are aborted)."""
 
 
 @dataclass
@@ -176,8 +214,14 @@ class Engine:
         form: FormModule | None = None,
         methods: dict[str, nn.Module] | None = None,
         config: EngineConfig | None = None,
+        offload: EmbedsEngine | None = None,
     ) -> None:
-        self.backbone, self.config = backbone, config or EngineConfig()
+        """`offload`: where `prefix_only` rows run (decoder-only backbones), None: every row here."""
+        self.backbone, self.config, self.offload = backbone, config or EngineConfig(), offload
+        self.rows_by_backend = {"native": 0, **({offload.name: 0} if offload is not None else {})}
+        """Rows run since start by where they ran (served rows; training passes not counted)."""
+        if offload is not None and backbone.is_encoder_decoder:
+            raise Incompatible("an embeddings engine (vLLM) serves decoder-only backbones; this backbone is encoder-decoder")
         self.dims = backbone_dims(backbone, form)
         self.hooks = ContextHooks(backbone)
         if backbone.is_encoder_decoder:
@@ -186,7 +230,12 @@ class Engine:
             self.runner = DecoderRunner(backbone, self.hooks, self.config.length_multiple, form)
         self.form_fingerprint = form.fingerprint if form is not None else None
         self.tasks = TaskTable(backbone, methods if methods is not None else default_methods(backbone, form), self.config.task_memory_bytes,
-                               can_form=self.runner.can_form, prefix_cache=self.runner.prefix_cache if self.config.cache_prefixes else None)
+                               can_form=self.runner.can_form, prefix_cache=self.runner.prefix_cache if self.config.cache_prefixes and offload is None else None)
+
+    def close(self) -> None:
+        """Release what lives outside this process (the embeddings engine's workers)."""
+        if self.offload is not None:
+            self.offload.close()
 
     @property
     def methods(self) -> nn.ModuleDict:
@@ -195,6 +244,8 @@ class Engine:
 
     # ---- schedule → execute → complete -----------------------------------------------------
     def run(self, requests: list[Request]) -> list[Result]:
+        """Every row on this engine (never handed to `offload`): the reference the other backend is
+        measured against; a row that cannot be served raises."""
         plan = self.schedule(requests)
         return self.complete(plan, self.execute(plan))
 
@@ -204,17 +255,25 @@ class Engine:
         outcomes, running = self.start_each(requests)
         while running is not None and not running.done:
             outcomes.update(running.advance())
-        return [outcomes[i] for i in range(len(requests))]
+        return [outcomes[i].result() if isinstance(outcomes[i], Future) else outcomes[i] for i in range(len(requests))]
 
     def start_each(self, requests: list[Request]) -> tuple[dict[int, Result | TaskservError], Running | None]:
         """`run_each`'s first half: refused rows' errors and classification rows' results by request
-        index, and the generative rows still `Running` (None when there are none)."""
+        index — a `Future` of the outcome for a row handed to `offload` — and the generative rows
+        still `Running` here (None when there are none)."""
         refused: dict[int, TaskservError] = {}
         plan = self.schedule(requests, refused=refused)
-        outcomes: dict[int, Result | TaskservError] = dict(refused)
+        outcomes: dict[int, Result | TaskservError | Future] = dict(refused)
+        index = [i for i in range(len(requests)) if i not in refused]
+        away = self._offloadable(plan)
+        if away:
+            outcomes.update(zip([index[r] for r in away], self._offload(plan.subset(away))))
+            self.rows_by_backend[self.offload.name] += len(away)
+            here = [r for r in range(len(plan.tasks)) if r not in set(away)]
+            plan, index = plan.subset(here), [index[r] for r in here]
         if not plan.tasks:
             return outcomes, None
-        index = [i for i in range(len(requests)) if i not in refused]
+        self.rows_by_backend["native"] += len(plan.tasks)
         running = Running(self, plan, self.start(plan), index)
         outcomes.update(running.finished())
         return outcomes, None if running.done else running
@@ -304,10 +363,70 @@ class Engine:
                 out[group.rows] = group.features.float()
         return out
 
+    # ---- rows run by the embeddings engine ----------------------------------------------------
+    def _offloadable(self, plan: Plan) -> list[int]:
+        """The rows `offload` can answer exactly: a prefix-only method, and a generative task or
+        labels it scores from one next-token distribution (first-token scoring, or one-token labels)."""
+        if self.offload is None:
+            return []
+        prefix_rows = sorted(r for g in plan.groups.values() if g.method.prefix_only for r in g.rows)
+        if not prefix_rows:
+            return []
+        loaded = self.tasks.pin([plan.tasks[r] for r in prefix_rows], {key: g.method for key, g in plan.groups.items()})
+        return [r for r, entry in zip(prefix_rows, loaded)
+                if not entry.task.spec.is_classification or entry.task.spec.scoring == "first" or all(len(t) == 1 for t in entry.targets)]
+
+    @torch.no_grad()
+    def prompt_embeds(self, plan: Plan) -> list[Tensor]:
+        """Each row of a plan of prefix-only methods as the input embeddings its first pass would
+        read: [prefix_i; tokens_i], [n_i, d] (fp32 on the CPU, ready to hand to another process)."""
+        ctx, _, token_embeds, lengths, _ = self._modulate(plan, live=False)
+        if ctx.past is not None or ctx.hidden_scale is not None or ctx.adapters:
+            raise Incompatible("prompt_embeds: these rows are modulated inside the backbone (or by cached prefixes), not by a prefix alone")
+        embeds, mask = pack_rows(ctx.prefix, ctx.prefix_len, token_embeds, lengths, left_pad=False)  # [b, t, d], real first
+        return [embeds[i, : int(n)].float().cpu() for i, n in enumerate(mask.sum(-1).tolist())]
+
+    def _offload(self, plan: Plan) -> list[Future]:
+        """Hand every row of `plan` to `offload`; each future resolves to the row's outcome."""
+        futures = []
+        for row, embeds in enumerate(self.prompt_embeds(plan)):
+            entry = plan.loaded[row]
+            if entry.task.spec.is_classification:
+                asked = self.offload.score(embeds, [t[0] for t in entry.targets])
+                futures.append(_then(asked, lambda logp, row=row: self._scored(plan, row, logp)))
+            else:
+                sampling = plan.sampling[row] or GREEDY
+                asked = self.offload.generate(embeds, plan.max_new[row], sampling, plan.sinks[row])
+                futures.append(_then(asked, lambda generated, row=row: self._generated(plan, row, generated)))
+        return futures
+
+    def _scored(self, plan: Plan, row: int, logp: list[float]) -> Result:
+        """First-token log-probabilities of a row's labels -> its result (a one-token label's sum
+        and mean are that one log-probability)."""
+        return self.result(plan, Output({row: torch.tensor(logp, dtype=torch.float32)}), row)
+
+    def _generated(self, plan: Plan, row: int, generated: Generated) -> Result:
+        task = plan.tasks[row]
+        return Result(task.name, task.version, generated.text, finish_reason=generated.finish_reason, prompt_tokens=len(plan.prompt_ids[row]),
+                      completion_tokens=len(generated.tokens), logprobs=generated.logprobs)
+
     # ---- the shared forward path ------------------------------------------------------------
     def _encode(self, plan: Plan, *, live: bool, capture: bool = False) -> tuple[Encoded, BatchContext, dict[ModuleKey, RowGroup]]:
         """Methods fill the context, then the first pass runs. `live` recomputes static per-task
         tensors with gradients (training) instead of using the cache."""
+        ctx, groups, token_embeds, lengths, form = self._modulate(plan, live=live, capture=capture)
+        embeds, mask = pack_rows(ctx.prefix, ctx.prefix_len, token_embeds, lengths, left_pad=self.runner.left_pad, multiple=self.config.length_multiple)
+        enc = self.runner.encode(embeds, mask, ctx, form)
+        if capture and ctx.features is not None:
+            pooled = masked_mean(ctx.features, enc.mask[:, -ctx.features.shape[1] :])  # [b, d]; the feature site saw this pass's positions
+            for group in groups.values():
+                group.features = pooled[group.rows]
+        return enc, ctx, groups
+
+    def _modulate(self, plan: Plan, *, live: bool, capture: bool = False) -> tuple[BatchContext, dict[ModuleKey, RowGroup], Tensor, Tensor, FormRequest | None]:
+        """Pin the plan's tasks and let every method write its rows' modulation into one context.
+        Returns it with the groups, token embeddings [b, n, d] and lengths [b], and the form
+        request IP's rows make of the first pass (None when no row asks)."""
         device = self.backbone.device
         plan.loaded = loaded = self.tasks.pin(plan.tasks, {key: g.method for key, g in plan.groups.items()})
         ids, lengths = pad_ids(plan.prompt_ids, self.backbone.pad_id, device)
@@ -344,13 +463,7 @@ class Engine:
 
             form = FormRequest(form_rows, [plan.form_texts[r] for r in form_rows.tolist()], deliver)
         ctx.assemble()
-        embeds, mask = pack_rows(ctx.prefix, ctx.prefix_len, token_embeds, lengths, left_pad=self.runner.left_pad, multiple=self.config.length_multiple)
-        enc = self.runner.encode(embeds, mask, ctx, form)
-        if capture and ctx.features is not None:
-            pooled = masked_mean(ctx.features, enc.mask[:, -ctx.features.shape[1] :])  # [b, d]; the feature site saw this pass's positions
-            for group in groups.values():
-                group.features = pooled[group.rows]
-        return enc, ctx, groups
+        return ctx, groups, token_embeds, lengths, form
 
     def _read_out(self, plan: Plan, enc: Encoded, ctx: BatchContext) -> Output:
         device = self.backbone.device
@@ -406,3 +519,24 @@ class Engine:
         extra = [x for k, g in groups.items() if (x := plan.groups[k].method.extra_loss(g)) is not None]
         aux = torch.stack(extra).sum() if extra else lm.new_zeros(())
         return {"loss": lm + aux, "lm": lm, "aux": aux}
+
+
+def _then(future: Future, convert: Callable[[Any], Any]) -> Future:
+    """A future of `convert(result)`; a row's own failure (a TaskservError, raised by the other
+    engine or by `convert`) becomes its outcome, as in a native batch. Cancelling it cancels `future`."""
+    out: Future = Future()
+
+    def done(f: Future) -> None:
+        if f.cancelled():
+            out.cancel()
+            return
+        try:
+            out.set_result(convert(f.result()))
+        except TaskservError as exc:
+            out.set_result(exc)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            out.set_exception(exc)
+
+    out.add_done_callback(lambda f: future.cancel() if f.cancelled() else None)
+    future.add_done_callback(done)
+    return out

@@ -111,3 +111,9 @@ class NonFinite(TaskservError):
     """A task's tensors or a row's scores are NaN or infinite: there is no honest answer to give."""
 
     type, status = "non_finite", 500
+
+
+class BackendFailed(TaskservError):
+    """The second engine a row ran on (vLLM) failed to answer it."""
+
+    type, status = "backend_failed", 502

@@ -64,6 +64,34 @@ class Settings(BaseSettings):
     """Backbone dtype: `auto` (bfloat16 on cuda and on CPUs with native bf16 — AVX-512-BF16 or AMX —
     float32 otherwise; training on a CPU stays float32), `float32`, `bfloat16` or `float16`."""
 
+    backend: Literal["native", "vllm"] = "native"
+    """Where rows run: `native` (this process's engine, every method), or `vllm` — prompt tuning, TPV,
+    ATTEMPT and plain rows on vLLM (`prompt_embeds`; needs `taskserve[vllm]` and a decoder-only
+    backbone), IP and PHA rows (and multi-token labels scored by sum/mean) on the native engine."""
+
+    vllm_max_model_len: int | None = Field(default=None, ge=16)
+    """vLLM: longest soft prompt + input + generation in tokens (default: the model's limit)."""
+
+    vllm_kv_cache_gb: float | None = Field(default=None, gt=0)
+    """vLLM: GiB for the paged KV cache (default: 2 on a CPU; on a GPU `vllm_gpu_memory_utilization` decides)."""
+
+    vllm_gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
+    """vLLM on a GPU: the share of its memory vLLM may take (weights + KV cache); the native engine's
+    copy of the backbone (IP and PHA rows) needs room too."""
+
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+    """vLLM: GPUs one backbone is split across (tensor parallelism, for backbones that outgrow one GPU)."""
+
+    vllm_enforce_eager: bool | None = None
+    """vLLM: skip CUDA graphs and compilation (default: eager on a CPU, compiled on a GPU)."""
+
+    vllm_max_num_seqs: int = Field(default=128, ge=1)
+    """vLLM: most sequences in one scheduler step."""
+
+    vllm_cpu_threads: str | None = None
+    """vLLM on a CPU: the cores its worker binds to (`VLLM_CPU_OMP_THREADS_BIND`, e.g. `0-1`; default:
+    every core this process may use)."""
+
     cache_dir: Path = Field(default_factory=default_cache_dir)
     """Cache for converted models (outside the repo); default `~/.cache/taskserve`."""
 
@@ -150,7 +178,7 @@ class Settings(BaseSettings):
     def plugin_modules(self) -> list[str]:
         return [name.strip() for name in self.plugins.split(",") if name.strip()]
 
-    @field_validator("db_url", "api_key", "seed_store", "threads", mode="before")
+    @field_validator("db_url", "api_key", "seed_store", "threads", "vllm_max_model_len", "vllm_kv_cache_gb", "vllm_enforce_eager", "vllm_cpu_threads", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`TASKSERVE_DB_URL=` (e.g. from a compose default) means "not set", not an empty URL."""

@@ -41,14 +41,15 @@ def postgres_database() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings) -> Iterator[str]:
-    """`create_app(settings)` under uvicorn on a free loopback port; yields its base URL once ready."""
+def running_server(settings: Settings, ready_s: float = 60) -> Iterator[str]:
+    """`create_app(settings)` under uvicorn on a free loopback port; yields its base URL once ready
+    (within `ready_s`)."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_s
     while True:
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:

@@ -28,7 +28,7 @@ from server.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
-OVERRIDES = {"gpu": ROOT / "deploy" / "compose.gpu.yml", "postgres": ROOT / "deploy" / "compose.postgres.yml"}
+OVERRIDES = {"gpu": ROOT / "deploy" / "compose.gpu.yml", "postgres": ROOT / "deploy" / "compose.postgres.yml", "vllm": ROOT / "deploy" / "compose.vllm.yml"}
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 DEPLOY_README = ROOT / "deploy" / "README.md"
 
@@ -212,6 +212,9 @@ def test_overrides_touch_both_app_services() -> None:
         assert svc["environment"]["TASKSERVE_DEVICE"] == "${TASKSERVE_DEVICE:-cuda}"
         assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
         assert "/whl/cu" in svc["build"]["args"]["TORCH_INDEX_URL"]
+    vllm = _services(OVERRIDES["vllm"])
+    assert set(vllm) == {"api"}  # the worker trains on the native engine
+    assert vllm["api"]["environment"]["TASKSERVE_BACKEND"] == "vllm" and vllm["api"]["build"]["args"]["VLLM_EXTRA"] == "${VLLM_EXTRA:-vllm}"
     pg = _services(OVERRIDES["postgres"])
     assert set(pg) == set(APP_SERVICES)
     postgres = _services(COMPOSE)["postgres"]["environment"]
@@ -232,14 +235,14 @@ def _compose_cli() -> list[str] | None:
 
 
 # (Not "gpu" as an id: tests/conftest.py skips every test with a `gpu` keyword on machines without CUDA.)
-@pytest.mark.parametrize("variant", ["default", "cuda_override", "postgres_override"])
+@pytest.mark.parametrize("variant", ["default", "cuda_override", "postgres_override", "vllm_override"])
 def test_docker_compose_config_accepts_the_files(variant: str, tmp_path: Path) -> None:
     """`docker compose config` (or Compose 1.x's `docker-compose config`) needs no engine."""
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     args = ["-f", str(COMPOSE)]
-    override = {"default": None, "cuda_override": "gpu", "postgres_override": "postgres"}[variant]
+    override = {"default": None, "cuda_override": "gpu", "postgres_override": "postgres", "vllm_override": "vllm"}[variant]
     if override:
         args += ["-f", str(OVERRIDES[override])]
     if variant == "postgres_override":
@@ -263,6 +266,9 @@ def test_docker_compose_config_accepts_the_files(variant: str, tmp_path: Path) -
         if variant == "cuda_override":
             assert env["TASKSERVE_DEVICE"] == "cuda" and resolved[name]["image"] == "taskserve:cuda"
             assert resolved[name]["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cu128")
+        elif variant == "vllm_override" and name == "api":
+            assert env["TASKSERVE_BACKEND"] == "vllm" and resolved[name]["image"] == "taskserve:vllm"
+            assert resolved[name]["build"]["args"]["VLLM_EXTRA"] == "vllm"
         else:
             assert env["TASKSERVE_DEVICE"] == "auto" and resolved[name]["image"] == "taskserve:latest"
 

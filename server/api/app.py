@@ -82,6 +82,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 await worker.stop()
             await batcher.close()  # drain: queued and in-flight rows complete
             store.close()
+            if engine is None:  # an engine built here is closed here (vLLM's processes)
+                await asyncio.to_thread(eng.close)
 
     app = FastAPI(title="taskserve", version="1", lifespan=lifespan)
 

@@ -18,6 +18,7 @@ class Metrics:
         self.tasks_loaded = Gauge("taskserve_tasks_loaded", "Tasks the engine serves", registry=self.registry)
         self.task_memory = Gauge("taskserve_task_memory_bytes", "Device memory held by resident per-task tensors", registry=self.registry)
         self.queue_depth = Gauge("taskserve_queue_depth", "Rows waiting for a batch", registry=self.registry)
+        self.backend_rows = Gauge("taskserve_backend_rows", "Rows the engine has run since start, by backend (native; vllm)", ["backend"], registry=self.registry)
 
     def observe_batch(self, stats: BatchStats) -> None:
         """The batcher's per-batch callback (runs on the event loop)."""

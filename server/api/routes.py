@@ -39,6 +39,8 @@ async def readyz(state: State) -> dict[str, object]:
 async def metrics(state: State) -> Response:
     state.metrics.queue_depth.set(state.batcher.depth)
     state.metrics.task_memory.set(state.engine.tasks.resident_bytes)
+    for backend, rows in state.engine.rows_by_backend.items():
+        state.metrics.backend_rows.labels(backend).set(rows)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -89,6 +89,9 @@ class Method(nn.Module):
     static_prefix: ClassVar[bool] = False
     """True when `static(task)["prompt"]` is the whole prefix of every row of the task, whatever the
     input: on a causal backbone the engine then computes its keys/values once per task version."""
+    prefix_only: ClassVar[bool] = False
+    """True when everything the method does to a row is a prefix of input embeddings (soft prompts;
+    the plain backbone): such rows can run on an engine that takes prompt embeddings (vLLM)."""
     peft_type: ClassVar[str | None] = None
     """The HF PEFT adapter type whose checkpoints are exactly this method's tasks (prompt tuning:
     `PROMPT_TUNING`), for comparisons and import/export; None where PEFT has no counterpart."""

@@ -196,3 +196,40 @@ def test_memory_stays_flat_over_100000_batches() -> None:
 
     growth = asyncio.run(main())
     assert growth < 64 * 1024, f"the batcher's memory grew by {growth} bytes over 98,000 batches"
+
+
+def test_rows_answered_by_a_future_settle_when_it_resolves_cancel_with_their_caller_and_drain(served) -> None:
+    """A batch function may answer rows with `concurrent.futures.Future`s — rows handed to another
+    engine (vLLM). Here that engine is the same real engine on another thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine, names = served
+    pool, gate = ThreadPoolExecutor(max_workers=1), threading.Event()
+    pool.submit(gate.wait, 5)  # the other engine is busy: the rows' futures wait in its queue
+    handed: list = []
+
+    def hand_over(batch):
+        futures = [pool.submit(lambda r=r: engine.run([r])[0]) for r in batch]
+        handed.extend(futures)
+        return futures
+
+    async def main():
+        batcher = Batcher(hand_over, BatcherConfig(max_rows=1, max_wait_ms=1))
+        leaving = asyncio.ensure_future(batcher.submit(Request(names[0], "a")))
+        staying = asyncio.ensure_future(batcher.submit(Request(names[1], "b")))
+        while len(handed) < 2:
+            await asyncio.sleep(0.01)
+        leaving.cancel()  # its caller went away: the row it handed over is cancelled, never run
+        await asyncio.sleep(0.05)
+        assert handed[0].cancelled() and not staying.done()
+        closing = asyncio.ensure_future(batcher.close())  # close waits for the row still out there
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        gate.set()
+        await closing
+        return staying.result()
+
+    got = asyncio.run(main())
+    solo = engine.run([Request(names[1], "b")])[0]
+    assert got.label == solo.label and got.scores == pytest.approx(solo.scores, abs=1e-5)
+    pool.shutdown()

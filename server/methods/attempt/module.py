@@ -31,6 +31,7 @@ from server.task import Task
 
 class Attempt(Method):
     method_id = "attempt"
+    prefix_only = True
     config_class = AttemptConfig
     config: AttemptConfig
 

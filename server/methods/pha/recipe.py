@@ -41,7 +41,7 @@ class PHARecipe(Recipe):
             probe = dataclasses.replace(peers[0], name=f"{name[:40]}.retrieval", spec=spec)  # the new task's rendering, any pha task's modulation
             features = bench.features(probe, [e.text for e in examples[: self.retrieval_rows]])  # [n, d]
             prototypes = torch.stack([t.params["prototype"].detach() for t in peers]).to(features.device)  # [p, d']
-            sims = module.similarities(features, prototypes)  # [p]
+            sims = module.similarities(features, prototypes).detach()  # [p]; retrieval picks a start, no gradient
             top = sims.topk(min(self.top_k, len(peers)))
             weights = torch.softmax(top.values / module.config.temperature, dim=0)  # [k]
             init = {**init, "prototype": (weights.unsqueeze(1) * prototypes[top.indices]).sum(0).float().cpu()}

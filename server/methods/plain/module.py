@@ -17,6 +17,7 @@ class PlainConfig:
 
 class Plain(Method):
     method_id = "plain"
+    prefix_only = True
     config_class = PlainConfig
 
     def ready_without_training(self, spec: TaskSpec, init: dict[str, Any]) -> bool:

@@ -25,6 +25,7 @@ from server.task import Task
 
 class PromptTuning(Method):
     method_id = "prompt_tuning"
+    prefix_only = True
     config_class = PromptConfig
     config: PromptConfig
     peft_type = "PROMPT_TUNING"

@@ -68,6 +68,7 @@ def combine(weighted: list[tuple[TaskVector, float]]) -> TaskVector:
 
 class TaskPromptVectors(Method):
     method_id = "tpv"
+    prefix_only = True
     config_class = TPVConfig
     config: TPVConfig
     static_prefix = True
