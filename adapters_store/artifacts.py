@@ -28,12 +28,25 @@ from server.task import check_task_name
 WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
 
 
+def inside(base: Path, path: Path, what: str = "the store") -> Path:
+    """`path`, refused (CorruptArtifact) unless it stays under `base` once links are resolved: an artifact
+    is read and written only inside its store (a task folder, its parent or a file of it replaced by a
+    link out is refused, before anything is opened through it)."""
+    try:
+        real, home = Path(path).resolve(), Path(base).resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise CorruptArtifact(f"{path}: cannot be resolved ({exc})") from exc
+    if not real.is_relative_to(home):
+        raise CorruptArtifact(f"{path} leads to {real}, outside {what} ({home}); links out of {what} are refused")
+    return Path(path)
+
+
 def task_dir(root: Path, name: str, version: int) -> Path:
-    return Path(root) / "tasks" / check_task_name(name) / f"v{version}"
+    return inside(root, Path(root) / "tasks" / check_task_name(name) / f"v{version}")
 
 
 def shared_dir(root: Path, method: str, version: int) -> Path:
-    return Path(root) / "shared" / check_task_name(method) / f"v{version}"
+    return inside(root, Path(root) / "shared" / check_task_name(method) / f"v{version}")
 
 
 def publish(target: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
@@ -61,17 +74,21 @@ def publish(target: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, 
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
+    path = inside(folder, Path(folder) / MANIFEST, "its artifact folder")
     try:
-        return json.loads((Path(folder) / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CorruptArtifact(f"{folder}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CorruptArtifact(f"{folder}: the manifest is a JSON {type(manifest).__name__}, not an object")
+    return manifest
 
 
 def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and manifest of a published folder; the weights' sha256 must match the manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    weights = folder / WEIGHTS
+    weights = inside(folder, folder / WEIGHTS, "its artifact folder")
     try:
         actual = sha256_file(weights)
     except OSError as exc:
@@ -87,4 +104,5 @@ def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def sweep_temp(root: Path) -> int:
     """Remove temp folders left by crashed publishers; returns how many."""
-    return sum(atomic.sweep(parent, ".tmp-*") for parent in Path(root).glob("*/*"))
+    home = Path(root).resolve()
+    return sum(atomic.sweep(parent, ".tmp-*") for parent in Path(root).glob("*/*") if parent.resolve().is_relative_to(home))  # never through a link out

@@ -46,13 +46,16 @@ def load_task(folder: Path, fingerprint: str) -> Task:
             f"task {manifest.get('name')!r} v{manifest.get('version')} was made for backbone "
             f"{manifest.get('backbone_fingerprint')}, this server runs {fingerprint}"
         )
-    spec = dict(manifest["spec"])
-    spec["labels"] = tuple(spec.get("labels", ()))
-    params = nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
-    return Task(
-        name=manifest["name"], method=manifest["method"], spec=TaskSpec(**spec), params=params, version=int(manifest["version"]), meta=manifest.get("meta", {}),
-        module_version=int(manifest.get("module_version", 0)),
-    )
+    try:
+        spec = dict(manifest["spec"])
+        spec["labels"] = tuple(spec.get("labels", ()))
+        params = nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
+        return Task(
+            name=manifest["name"], method=manifest["method"], spec=TaskSpec(**spec), params=params, version=int(manifest["version"]), meta=manifest.get("meta", {}),
+            module_version=int(manifest.get("module_version", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # a manifest missing a field, or one of the wrong type
+        raise CorruptArtifact(f"{folder}: malformed task manifest ({type(exc).__name__}: {exc})") from exc
 
 
 def module_manifest(method: nn.Module, version: int, fingerprint: str, form_fingerprint: str | None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:

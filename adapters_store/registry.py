@@ -11,15 +11,18 @@ process stops serving it on its next poll); old version folders stay until garba
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, delete, event, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from server.errors import Conflict, NotFound, Overloaded
+from server.errors import Conflict, NotFound, Overloaded, Unavailable
 from server.task import check_task_name
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -84,9 +87,19 @@ def _as_dict(row: Base) -> dict[str, Any]:
     return {c.key: getattr(row, c.key) for c in row.__table__.columns}
 
 
+def _key(value: str, what: str) -> str:
+    """A name or id to look up. One holding a NUL byte names nothing (none is ever written: names are
+    checked, ids are uuids), and PostgreSQL cannot even compare it (DataError, a 500): NotFound at once."""
+    if "\x00" in value:
+        raise NotFound(f"{what} {value!r} does not exist")
+    return value
+
+
 class Registry:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url, future=True, pool_pre_ping=True)
+        self.where = self.engine.url.render_as_string(hide_password=True)
+        event.listen(self.engine, "handle_error", self._unavailable)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
@@ -94,6 +107,32 @@ class Registry:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _unavailable(self, context: ExceptionContext) -> None:
+        """A database that cannot be reached or written — a refused or dropped connection, a SQLite
+        file that is read-only, full or locked — raises Unavailable (503) naming it and why; other
+        errors pass unchanged. A failed pre-ping is left to the pool, which reconnects."""
+        if context.is_pre_ping or not (context.is_disconnect or isinstance(context.sqlalchemy_exception, (OperationalError, InterfaceError))):
+            return
+        reason = " ".join(str(context.original_exception).split()) or type(context.original_exception).__name__
+        raise Unavailable(f"the registry ({self.where}) is unavailable: {reason}")
+
+    def ping(self) -> None:
+        """A round trip to the database; Unavailable, with the reason, if it does not answer."""
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
+    def read_only(self) -> str | None:
+        """Why a SQLite registry's files cannot be written (reads still succeed, every write would
+        fail), or None."""
+        database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
+        if not database or database == ":memory:":
+            return None
+        path = Path(database)
+        for item in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
+            if item.exists() and not os.access(item, os.W_OK):
+                return f"the registry ({self.where}) is read-only: {item.name} cannot be written, every change would fail"
+        return None
 
     # ---- tasks and versions ----------------------------------------------------------------
     def publish_version(self, name: str, method: str, version: int, path: str, sha256: str) -> None:
@@ -133,11 +172,11 @@ class Registry:
 
     def exists(self, name: str) -> bool:
         with self._session() as s:
-            return s.get(TaskRow, name) is not None
+            return "\x00" not in name and s.get(TaskRow, name) is not None
 
     def get_task(self, name: str) -> dict[str, Any]:
         with self._session() as s:
-            row = s.get(TaskRow, name)
+            row = s.get(TaskRow, _key(name, "task"))
             if row is None:
                 raise NotFound(f"task {name!r} does not exist")
             out = _as_dict(row)
@@ -157,7 +196,7 @@ class Registry:
 
     def delete_task(self, name: str) -> None:
         with self._session.begin() as s:
-            row = s.get(TaskRow, name)
+            row = s.get(TaskRow, _key(name, "task"))
             if row is None:
                 raise NotFound(f"task {name!r} does not exist")
             s.execute(delete(VersionRow).where(VersionRow.task == name))
@@ -230,7 +269,7 @@ class Registry:
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         with self._session() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, _key(job_id, "job"))
             if row is None:
                 raise NotFound(f"job {job_id!r} does not exist")
             return _as_dict(row)
@@ -304,7 +343,7 @@ class Registry:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued or running job (a running worker stops at its next lease renewal)."""
         with self._session.begin() as s:
-            job = s.get(JobRow, job_id, with_for_update=True)
+            job = s.get(JobRow, _key(job_id, "job"), with_for_update=True)
             if job is None:
                 raise NotFound(f"job {job_id!r} does not exist")
             if job.status not in ("queued", "running"):

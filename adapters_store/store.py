@@ -47,6 +47,14 @@ class Store:
         self.registry.publish_version(task.name, task.method, task.version, str(path), manifest["sha256"])
         return manifest
 
+    def next_version(self, name: str) -> int:
+        """The version to publish `name` as next: past every version the registry lists and every
+        version folder on disk. Deleting a task leaves its folders (until garbage-collected), so a
+        new task of that name never reuses one — a reused folder would keep the old manifest."""
+        folders = artifacts.task_dir(self.root, name, 0).parent.glob("v*")
+        on_disk = max((int(f.name[1:]) for f in folders if f.name[1:].isdigit()), default=0)
+        return max(self.registry.next_version(name), on_disk + 1)
+
     def publish_module(self, module: nn.Module, fingerprint: str, form_fingerprint: str | None, metrics: dict[str, Any] | None = None, *, version: int | None = None) -> int:
         """Publish a method's shared module (`module.method_id`) as `version` (default: the next
         one); returns the version. Tasks already published keep the version they were made with.

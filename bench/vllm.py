@@ -12,7 +12,9 @@ tokenizer; speed does not depend on the weights), one dtype, the same rows for e
   (continuous batching), the native engine (one batch decoded token by token) and PEFT (per task
   `generate`).
 Repetitions are interleaved across configurations and the median is reported; `agree` is the share
-of rows whose label (or generated text) equals the native engine's (a check, not a test).
+of rows whose label (or generated text) equals the native engine's (a check, not a test). The native
+configurations run a second time after vLLM is shut down (`, vllm closed`): vLLM's idle engine process
+takes CPU time from whatever runs beside it.
 
     python -m bench.vllm [--dtype float32|bfloat16] [--rows 64] [--new-tokens 32] [--reps 5]
     (`make bench-vllm` runs it in .venv-vllm)
@@ -123,6 +125,18 @@ def peft_generate(engine: Engine, model, tokenizer, rows: list[Request], new_tok
     return run
 
 
+def markdown(result: dict) -> str:
+    """The run as the Markdown table of docs/performance.md."""
+    lines = [f"### vLLM backend vs native vs HF PEFT on {result['device_name']} ({result['dtype']})", "",
+             f"{result['rows']} classification rows over {result['tasks']['fixed']} tasks, {result['tasks']['generate']} rows x {result['new_tokens']} "
+             f"greedy new tokens; median of {result['reps']} after {result['warmup']} warm-up; vllm {result['versions']['vllm']}, torch {result['versions']['torch']}; "
+             f"load average before {result['load_average_before'][0]:.1f}, after {result['load_average_after'][0]:.1f}.", "",
+             "| configuration | rate | median s | agrees with native |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {run['rate']:.1f} {run['unit']} | {run['median_s']:.3f} | {run['agree_with_native']:.2f} |" for name, run in result["runs"].items()]
+    lines += ["", "| ratio (rate over rate) | value |", "|---|---:|", *(f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -130,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--render", type=Path, help="only print the Markdown table of an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())), end="")
+        return 0
     load_before = os.getloadavg()
 
     settings = Settings(backend="vllm", dtype=args.dtype, seed_store=None, embedded_worker=False)
@@ -176,25 +194,33 @@ def main(argv: list[str] | None = None) -> int:
         agree = sum(a == b for a, b in zip(outputs[name], reference)) / len(reference)
         unit = ("tokens/s", gen_tokens[name] / median) if name.startswith("generate") else ("rows/s", len(outputs[name]) / median)
         runs[name] = {"median_s": median, "times_s": ts, "unit": unit[0], "rate": unit[1], "agree_with_native": agree}
+    # vLLM's engine process polls while idle; the native rows above ran beside it. Run them again with
+    # vLLM shut down (a native-only server has no such process) and report both.
+    hybrid.close()
+    native_only = {name: fn for name, fn in configs.items() if name.endswith(" / native")}
+    for name, ts in zip(native_only, timeit(list(native_only.values()), args.warmup, args.reps, cuda=False)):
+        median = statistics.median(ts)
+        rate = gen_tokens[name] / median if name.startswith("generate") else len(outputs[name]) / median
+        runs[f"{name}, vllm closed"] = {**runs[name], "median_s": median, "times_s": ts, "rate": rate}
     ratios = {f"{w} vllm / {o}": runs[f"{w} / vllm"]["rate"] / runs[f"{w} / {o}"]["rate"]
-              for w in ("classify fixed", "classify mixed", "generate") for o in ("native", "peft grouped") if f"{w} / {o}" in runs}
+              for w in ("classify fixed", "classify mixed", "generate") for o in ("native", "native, vllm closed", "peft grouped") if f"{w} / {o}" in runs}
     result = {
         "device": "cpu", "device_name": device_name("cpu"), "dtype": args.dtype, "rows": args.rows, "new_tokens": args.new_tokens,
         "reps": args.reps, "warmup": args.warmup, "tasks": {"fixed": len(fixed), "mixed": len(mixed), "generate": len(writers)},
         "runs": runs, "ratios": ratios, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "versions": {"torch": torch.__version__, "vllm": __import__("vllm").__version__},
     }
-    hybrid.close()
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"vllm-cpu-{args.dtype}.json"
+    out = RESULTS / f"vllm-cpu-{args.dtype}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
     print(f"{result['device_name']}, {args.dtype}, {args.rows} classification rows, {len(writers)} x {args.new_tokens} new tokens; median of {args.reps}")
-    print(f"{'config':34s} {'rate':>12s} {'median s':>9s} {'agree':>6s}")
+    print(f"{'config':38s} {'rate':>12s} {'median s':>9s} {'agree':>6s}")
     for name, run in runs.items():
-        print(f"{name:34s} {run['rate']:8.1f} {run['unit']:>3s} {run['median_s']:9.3f} {run['agree_with_native']:6.2f}")
+        print(f"{name:38s} {run['rate']:8.1f} {run['unit']:>3s} {run['median_s']:9.3f} {run['agree_with_native']:6.2f}")
     for name, value in ratios.items():
-        print(f"  {name:40s} {value:6.2f}x")
-    print(f"load average before {load_before}, after {result['load_average_after']}\nwrote {out}")
+        print(f"  {name:48s} {value:6.2f}x")
+    print(f"load average before {load_before}, after {result['load_average_after']}\nwrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,7 +24,7 @@ from server.engine import Engine
 from server.errors import InputTooLong, InvalidRequest
 from server.methods import method_ids, recipe_for
 from server.settings import Settings
-from server.task import TASK_NAME, Example, Task
+from server.task import TASK_NAME_SCHEMA, Example, Task
 from server.training.few_shot import learn
 from server.training.trainer import Progress, TrainConfig
 
@@ -50,16 +50,21 @@ class TrainOptions(Strict):
     seed: int = Field(default=0, ge=0)
 
 
+Label = Annotated[str, Field(pattern=r"[^\s\x1c-\x1f]", description="a label; kept without surrounding whitespace, so it needs one other character")]
+"""The pattern: one character `str.strip` keeps (not whitespace, nor the separators \\x1c-\\x1f, which Python strips
+and Unicode regex engines do not count as whitespace)."""
+
+
 def _registered_methods(schema: dict[str, Any]) -> None:
     schema["enum"] = method_ids()  # read when the schema is generated: plugins registered by then appear
 
 
 class TaskCreate(Strict):
-    name: str = Field(pattern=TASK_NAME.pattern)
+    name: str = Field(**TASK_NAME_SCHEMA, description="lowercase letters, digits, '_', '.' and '-', starting with a letter or digit, no '..'")
     method: str = Field(json_schema_extra=_registered_methods)
     description: str = Field(default="", max_length=2000)
-    labels: list[str] | None = Field(default=None, max_length=100)
-    template: str | None = Field(default=None, max_length=4000)
+    labels: list[Label] | None = Field(default=None, max_length=100, json_schema_extra={"uniqueItems": True})  # distinct: TaskSpec checks
+    template: str | None = Field(default=None, max_length=4000, pattern=r"\{text\}", description="the input's template; must contain {text}")
     scoring: Literal["first", "sum", "mean"] = "first"
     examples: list[ExampleIn] | None = Field(default=None, max_length=10_000)
     init: dict[str, Any] = Field(default_factory=dict)

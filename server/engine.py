@@ -304,7 +304,9 @@ class Engine:
         texts = [methods[(t.method, t.module_version)].render(t.spec, r.text) for _, r, t in accepted]
         for (i, request, task), text, ids in zip(accepted, texts, self.backbone.encode_batch(texts) if texts else []):
             max_new = request.max_new_tokens or task.spec.max_new_tokens
-            if len(ids) > self.config.max_input_tokens:
+            if not ids:  # nothing for the backbone to read (an empty text under a bare `{text}` template)
+                refuse(i, InvalidRequest(f"text: the input is empty under the {task.name!r} template (no tokens to read)"))
+            elif len(ids) > self.config.max_input_tokens:
                 refuse(i, InputTooLong(f"text: {len(ids)} tokens after the {task.name!r} template, limit {self.config.max_input_tokens}"))
             elif not 1 <= max_new <= self.config.max_new_tokens:
                 refuse(i, InvalidRequest(f"max_new_tokens: must be in [1, {self.config.max_new_tokens}]"))

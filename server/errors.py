@@ -62,6 +62,15 @@ class NotReady(TaskservError):
     type, status = "not_ready", 503
 
 
+class Unavailable(TaskservError):
+    """Something the server depends on cannot be reached or written right now — the registry
+    database (down, unreachable, read-only) or the store's disk (full, read-only). Tasks already
+    loaded keep answering; what needs the dependency fails with this, and succeeds on a retry once
+    it is back."""
+
+    type, status = "unavailable", 503
+
+
 class Unauthorized(TaskservError):
     type, status = "unauthorized", 401
 
@@ -117,3 +126,24 @@ class BackendFailed(TaskservError):
     """The second engine a row ran on (vLLM) failed to answer it."""
 
     type, status = "backend_failed", 502
+
+
+class EngineFailed(TaskservError):
+    """The engine raised running the row (alone, after its batch failed as a whole) with something
+    that is not a taskserve error — a bug or a broken device; its batch-mates are unaffected."""
+
+    type, status = "engine_failed", 500
+
+
+class OutOfMemory(EngineFailed):
+    """The device ran out of memory running the row, even alone: retry later (memory held by other
+    work may be freed) or with a shorter input or fewer new tokens."""
+
+    type, status = "out_of_memory", 503
+
+
+class ClientGone(TaskservError):
+    """The caller disconnected before its rows ran: they are dropped, never run (status 499, the
+    nginx convention; nobody reads the answer, the metrics count it)."""
+
+    type, status = "client_gone", 499

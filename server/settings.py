@@ -155,6 +155,13 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(default=32, ge=1)
     """Most training jobs waiting for a worker; a training request past it gets 429 with Retry-After."""
 
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1)
+    """Largest request body in bytes (413 past it: refused as it arrives, so no client makes the server buffer more)."""
+
+    metrics_task_series: int = Field(default=100, ge=0)
+    """Most tasks with their own series in `taskserve_predictions_total` (the first ones predicted);
+    the rows of every other task are counted under task `_other`, so /metrics stays bounded with thousands of tasks."""
+
     embedded_worker: bool = True
     """`taskserve serve` also starts a training worker process (set false when workers run separately)."""
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapters_store import codec
 from adapters_store.store import Store
 from server.engine import Engine
-from server.errors import CorruptArtifact, Incompatible, TaskservError
+from server.errors import CorruptArtifact, Incompatible, TaskservError, Unavailable
 from server.methods import BackboneDims, Method, method_class
+from server.task import Request
 
 log = logging.getLogger(__name__)
 
@@ -40,38 +42,70 @@ def attach(store: Store, engine: Engine) -> SyncReport:
     return sync(store, engine)
 
 
-def sync(store: Store, engine: Engine) -> SyncReport:
+Seen = tuple[dict[str, int], list[dict[str, Any]]]  # the registry as `sync` compares with it
+
+
+def read_registry(store: Store) -> Seen:
+    """What `sync` compares the engine with: the current shared module versions and every task row."""
+    return store.registry.current_modules(), store.registry.list_tasks()
+
+
+def sync(store: Store, engine: Engine, seen: Seen | None = None) -> SyncReport:
     """Make the engine match the registry: current shared modules, then tasks — load what it lacks
-    (or holds at another version), unload what the registry no longer has."""
+    (or holds at another version), unload what the registry no longer has. `seen`: the registry as
+    `read_registry` read it beforehand — a serving process reads it off its engine thread, so a
+    registry that hangs never stalls a batch; without it, it is read here."""
     report = SyncReport()
     table = engine.tasks
-    for method_id, version in store.registry.current_modules().items():
+    modules, task_rows = seen if seen is not None else read_registry(store)
+    for method_id, version in modules.items():
         if method_id in table.versions and table.versions[method_id] != version:
             try:
                 table.set_module(method_id, version, load_module(store, engine, method_id, version))
                 report.modules.append(f"{method_id}@{version}")
             except TaskservError as exc:  # its tasks fail to load below, each with a clear error
                 log.error("shared %s module v%s failed to load: %s", method_id, version, exc.message)
-    wanted = {row["name"]: row for row in store.registry.list_tasks() if row["status"] == "ready" and row["current_version"]}
+    rows = {row["name"]: row for row in task_rows}
+    wanted = {name: row for name, row in rows.items() if row["status"] == "ready" and row["current_version"]}
     served = table.snapshot()
-    for name in served.keys() - wanted.keys():
+    # a newer version that failed to load leaves the last good one serving (until a good one is published)
+    kept = {name for name, task in served.items() if name in rows and rows[name]["status"] == "failed" and (rows[name]["current_version"] or 0) > task.version}
+    for name in served.keys() - wanted.keys() - kept:
         table.remove(name)
         report.removed.append(name)
     for name, row in wanted.items():
         if name in served and served[name].version == row["current_version"]:
             continue
         try:
-            task = codec.load_task(store.task_folder(name, row["current_version"]), engine.backbone.fingerprint)
-            if not table.has_module(task.method, task.module_version):
-                table.set_module(task.method, task.module_version, load_module(store, engine, task.method, task.module_version), current=False)
-            table.add(task)
+            load_task(store, engine, name, row["current_version"])
             report.loaded.append(name)
-        except TaskservError as exc:
-            log.error("task %s v%s failed to load: %s", name, row["current_version"], exc.message)
-            store.registry.mark_failed(name, exc.message)
-            table.remove(name)
-            report.failed[name] = exc.message
+        except Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever an artifact holds, it fails alone, with its reason
+            message = exc.message if isinstance(exc, TaskservError) else f"task {name!r} v{row['current_version']} does not load: {type(exc).__name__}: {exc}"
+            log.error("task %s v%s failed to load: %s", name, row["current_version"], message, exc_info=not isinstance(exc, TaskservError))
+            store.registry.mark_failed(name, message)
+            previous = served.get(name)
+            if previous is not None and previous.version < row["current_version"]:
+                table.add(previous)  # the last good version keeps serving
+            else:
+                table.remove(name)
+            report.failed[name] = message
     return report
+
+
+def load_task(store: Store, engine: Engine, name: str, version: int) -> None:
+    """Serve `name` at `version` from its artifact, once it is proven to fit: the manifest names that
+    task and version, its shared module loads, and one probe row runs through it (a tensor of the
+    wrong shape fails here, not inside a batch of other tasks). Raises with the reason otherwise."""
+    task = codec.load_task(store.task_folder(name, version), engine.backbone.fingerprint)
+    if (task.name, task.version) != (name, version):
+        raise CorruptArtifact(f"the artifact of task {name!r} v{version} says it is task {task.name!r} v{task.version}")
+    table = engine.tasks
+    if not table.has_module(task.method, task.module_version):
+        table.set_module(task.method, task.module_version, load_module(store, engine, task.method, task.module_version), current=False)
+    table.add(task)
+    engine.run([Request(name, "probe", max_new_tokens=1)])  # raises what a batch would; the caller restores the table
 
 
 def load_module(store: Store, engine: Engine, method_id: str, version: int) -> Method:

@@ -15,10 +15,13 @@ from server.data.spec import TaskSpec
 from server.errors import InvalidRequest
 
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+TASK_NAME_SCHEMA = {"pattern": r"^[a-z0-9](?:\.?[a-z0-9_-])*\.?$", "max_length": 64}
+"""The same rule for the API schema (pydantic Field kwargs): TASK_NAME without '..', written without
+look-arounds so that every JSON Schema engine, and the clients and fuzzers generating from it, read it."""
 
 
 def check_task_name(name: str) -> str:
-    if not TASK_NAME.match(name) or ".." in name:
+    if not TASK_NAME.fullmatch(name) or ".." in name:  # fullmatch: `$` alone also matches before a final newline
         raise InvalidRequest(f"name: {name!r} must match {TASK_NAME.pattern} (and contain no '..')")
     return name
 

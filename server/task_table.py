@@ -70,6 +70,10 @@ class TaskTable(Mapping[str, Task]):
         self._older: dict[ModuleKey, Method] = {}  # superseded versions that loaded tasks still use
         self._tasks: dict[str, Task] = {}
         self._resident: OrderedDict[str, LoadedTask] = OrderedDict()  # least recently used first
+        self.rebuilds = 0
+        """Device copies built again for a batch because theirs was evicted (or swapped out) since."""
+        self.evictions = 0
+        """Device copies dropped to keep resident bytes under `memory_bytes`."""
         self._lock = threading.RLock()
         self.vocab = Vocabulary(backbone.embedding.weight, lambda text: list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"]))
         """What methods may use of the vocabulary when they make a task."""
@@ -210,6 +214,7 @@ class TaskTable(Mapping[str, Task]):
                 if entry is None or entry.host is not task:
                     key = (task.method, task.module_version)
                     entry = self._build(task, methods.get(key) or self.method(*key))
+                    self.rebuilds += 1
                     if self._tasks.get(task.name) is task:  # the current version: keep it resident
                         self._resident[task.name] = entry
                 if task.name in self._resident:
@@ -246,18 +251,19 @@ class TaskTable(Mapping[str, Task]):
         return LoadedTask(device_task, static, targets, host)
 
     def _evict(self, keep: set[str]) -> None:
-        """Drop least recently used device copies until under the bound (never those in `keep`:
-        the batch being scheduled). A batch in flight holds its own references, so eviction never
-        pulls tensors from under it."""
+        """Drop least recently used device copies until under the bound: others first, those in
+        `keep` (the batch being scheduled) only when they alone exceed it — so the bound holds
+        between batches however many tasks one batch needs. A batch in flight holds its own
+        references, so eviction never pulls tensors from under it."""
         budget = self.memory_bytes
         if budget is None:
             return
         total = sum(entry.nbytes for entry in self._resident.values())
-        for name in list(self._resident):
+        for name in [n for n in self._resident if n not in keep] + [n for n in self._resident if n in keep]:
             if total <= budget:
                 break
-            if name not in keep:
-                total -= self._resident.pop(name).nbytes
+            total -= self._resident.pop(name).nbytes
+            self.evictions += 1
 
 
 def _with_params(task: Task, device: torch.device | str) -> Task:

@@ -7,6 +7,11 @@ lease with its progress; a cancelled job stops at the next renewal. A worker tha
 renewing: once the lease expires the job is re-queued (resuming from its last checkpoint) or,
 after `worker_max_attempts`, failed. Nothing is visible to clients until the atomic publish, so a
 killed worker leaves no half-made task.
+
+A registry that becomes unavailable stops nothing for good: training goes on while renewals fail
+(the next one that gets through extends the lease, or says the job was lost to another worker);
+a job that cannot be published or recorded is left to its lease — retried once it lapses, from its
+checkpoint — and the worker waits for the registry instead of exiting.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from adapters_store.store import Store
 from server import creation
 from server.creation import TaskCreate
 from server.engine import Engine
-from server.errors import Cancelled, TaskservError
+from server.errors import Cancelled, TaskservError, Unavailable
 from server.factory import build_engine
 from server.settings import Settings
 from server.store_sync import attach
@@ -48,8 +53,19 @@ class Worker:
     def run_forever(self) -> None:
         attach(self.store, self.engine)
         log.info("worker %s polling %s", self.name, self.store.root)
+        down = False  # logged when the registry stops answering and when it answers again
         while not self._stop.is_set():
-            if not self.run_once():
+            try:
+                ran = self.run_once()
+            except Unavailable as exc:
+                if not down:
+                    log.error("worker %s: %s; waiting for it", self.name, exc.message)
+                down, ran = True, False
+            else:
+                if down:
+                    log.info("worker %s: the registry answers again", self.name)
+                down = False
+            if not ran:
                 self._stop.wait(self.settings.worker_poll_s)
 
     def run_once(self) -> bool:
@@ -65,17 +81,24 @@ class Worker:
                 log.warning("worker stopping; job %s will be retried after its lease expires", job["id"])
             else:
                 log.info("job %s cancelled", job["id"])
+        except Unavailable as exc:  # nothing published, and its end cannot be recorded: the lease decides
+            log.error("job %s: %s; it will be retried after its lease expires", job["id"], exc.message)
         except TaskservError as exc:
             log.error("job %s failed: %s", job["id"], exc.message)
-            self.store.registry.finish_job(job["id"], self.name, "failed", error=exc.message)
+            self._failed(job, exc.message)
         except Exception as exc:  # noqa: BLE001 - a job's bug must not kill the worker; the job records it
             log.exception("job %s failed", job["id"])
-            self.store.registry.finish_job(job["id"], self.name, "failed", error=f"{type(exc).__name__}: {exc}")
+            self._failed(job, f"{type(exc).__name__}: {exc}")
         else:
             self.store.registry.finish_job(job["id"], self.name, "succeeded", metrics=metrics)
             shutil.rmtree(self._job_dir(job["id"]), ignore_errors=True)
             log.info("job %s succeeded: %s", job["id"], metrics.get("validation"))
         return True
+
+    def _failed(self, job: dict[str, Any], error: str) -> None:
+        """Record a job's failure; a failed job never resumes, so its checkpoints go (they can fill a disk)."""
+        if self.store.registry.finish_job(job["id"], self.name, "failed", error=error):
+            shutil.rmtree(self._job_dir(job["id"]), ignore_errors=True)
 
     def _train_and_publish(self, job: dict[str, Any]) -> dict[str, Any]:
         attach(self.store, self.engine)  # current shared modules and peers (TPV's and PHA's inits use them)
@@ -84,7 +107,7 @@ class Worker:
         task, metrics = creation.train_job(accepted, self.engine, on_progress=lease.progress, checkpoints=self._job_dir(job["id"]), should_stop=lease.cancelled)
         if lease.cancelled():
             raise Cancelled("training was cancelled")
-        task.version = self.store.registry.next_version(task.name)
+        task.version = self.store.next_version(task.name)
         self.store.publish(task, self.engine.backbone.fingerprint, metrics)
         return metrics
 
@@ -97,7 +120,7 @@ class _Lease:
 
     def __init__(self, worker: Worker, job_id: str) -> None:
         self.worker, self.job_id = worker, job_id
-        self._last, self._status = 0.0, "running"
+        self._last, self._status, self._failing = 0.0, "running", False
         self._interval = min(2.0, worker.settings.worker_lease_s / 4)
 
     def progress(self, phase: str, p: Progress) -> None:
@@ -106,7 +129,16 @@ class _Lease:
             return
         self._last = now
         payload = {"phase": phase, "step": p.step, "total": p.total, "loss": None if math.isnan(p.loss) else round(p.loss, 5), **(p.metrics or {})}
-        self._status = self.worker.store.registry.renew_job(self.job_id, self.worker.name, self.worker.settings.worker_lease_s, payload)
+        try:
+            self._status = self.worker.store.registry.renew_job(self.job_id, self.worker.name, self.worker.settings.worker_lease_s, payload)
+        except Unavailable as exc:  # train on: the next renewal that gets through extends the lease or reports it lost
+            if not self._failing:
+                log.warning("job %s: lease not renewed, training on: %s", self.job_id, exc.message)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("job %s: lease renewed again (%s)", self.job_id, self._status)
+            self._failing = False
 
     def cancelled(self) -> bool:
         if self.worker._stop.is_set():

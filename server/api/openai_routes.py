@@ -22,11 +22,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.openai_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelCard, ModelList
-from server.api.state import AppState, State
+from server.api.state import AppState, State, while_connected
 from server.decoding import TokenEvent
 from server.engine import Result
 from server.errors import NotFound
@@ -81,10 +81,13 @@ def _chat_text(state: AppState, messages: list[ChatMessage], generative: bool) -
     return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
 
 
-async def _rows(state: AppState, rows: list[Row], *, checked: bool = False) -> list[Result]:
-    if len(rows) > 1 and not checked:
+async def _rows(state: AppState, rows: list[Row], *, checked: bool = False, request: Request | None = None) -> list[Result]:
+    """The rows' results, each row checked before any is queued; given the `request`, a client that
+    disconnects drops its rows not yet run (a stream's generator is cancelled instead)."""
+    if not checked:
         await asyncio.to_thread(state.engine.check, rows)
-    return await state.batcher.submit_all(rows, [len(r.text) + 1 for r in rows])
+    work = state.batcher.submit_all(rows, [len(r.text) + 1 for r in rows])
+    return await (while_connected(request, work) if request is not None else work)
 
 
 def _usage(results: list[Result]) -> dict[str, int]:
@@ -115,19 +118,19 @@ def _label_scores(result: Result) -> dict[str, float] | None:
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, state: State):
+async def completions(body: CompletionRequest, state: State, request: Request):
     task = _task(state, body.model)
     sampling = body.sampling(body.logprobs or 0)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": body.model}
     if body.stream:
         return await _stream(state, head, [Row(task.name, p, body.max_tokens, sampling) for p in body.prompts], chat=False, include_usage=body.include_usage)
-    results = await _rows(state, [Row(task.name, p, body.max_tokens, sampling) for p in body.prompts])
+    results = await _rows(state, [Row(task.name, p, body.max_tokens, sampling) for p in body.prompts], request=request)
     choices = [{"index": i, "text": r.output, "logprobs": _completion_logprobs(r), "finish_reason": r.finish_reason, "label_scores": _label_scores(r)} for i, r in enumerate(results)]
     return {**head, "choices": choices, "usage": _usage(results)}
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, state: State):
+async def chat_completions(body: ChatCompletionRequest, state: State, request: Request):
     task = _task(state, body.model)
     text = _chat_text(state, body.messages, generative=not task.spec.is_classification)
     sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
@@ -135,7 +138,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State):
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": body.model}
     if body.stream:
         return await _stream(state, {**head, "object": "chat.completion.chunk"}, [row], chat=True, include_usage=body.include_usage)
-    result = (await _rows(state, [row]))[0]
+    result = (await _rows(state, [row], request=request))[0]
     choice = {"index": 0, "message": {"role": "assistant", "content": result.output}, "logprobs": _chat_logprobs(result),
               "finish_reason": result.finish_reason, "label_scores": _label_scores(result)}
     return {**head, "choices": [choice], "usage": _usage([result])}

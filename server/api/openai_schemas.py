@@ -6,11 +6,15 @@ value and refused otherwise with a 422 that says so (never silently ignored).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from server.api.schemas import MAX_NEW_TOKENS
 from server.decoding import Sampling
+
+
+Stop = Annotated[str, Field(min_length=1)]
 
 
 class _OpenAIBody(BaseModel):
@@ -18,12 +22,13 @@ class _OpenAIBody(BaseModel):
 
     model: str = Field(min_length=1, max_length=64)
     """The task's name."""
-    max_tokens: int | None = Field(default=None, ge=1, le=1024)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=1)
     """One choice per prompt (taskserve samples once per row)."""
-    stop: str | list[str] | None = Field(default=None, max_length=8)
+    stop: Stop | Annotated[list[Stop], Field(max_length=8)] | None = None
+    """A stop string or up to 8 (each non-empty: `Sampling` refuses an empty one)."""
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -41,18 +46,13 @@ class _OpenAIBody(BaseModel):
 
 
 class CompletionRequest(_OpenAIBody):
-    prompt: str | list[str] = Field(max_length=1024)
-    """One prompt or a list (one choice per prompt, in order); each is the task's input text."""
+    prompt: Annotated[str, Field(max_length=100_000)] | Annotated[list[Annotated[str, Field(max_length=100_000)]], Field(max_length=1024)]
+    """One prompt or a list of up to 1024 (one choice per prompt, in order); each is the task's input
+    text, bounded in characters as `/v1/predict`'s `text` is (tokens are bounded by max_input_tokens)."""
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = Field(default=False, description="not supported: must be false")
+    echo: Literal[False] = Field(default=False, description="not supported: must be false")
     best_of: int | None = Field(default=None, ge=1, le=1)
     suffix: None = None
-
-    @model_validator(mode="after")
-    def _no_echo(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo: taskserve does not echo prompts")
-        return self
 
     @property
     def prompts(self) -> list[str]:
@@ -76,7 +76,7 @@ class ChatCompletionRequest(_OpenAIBody):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1024)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
 
     @property
     def new_tokens(self) -> int | None:

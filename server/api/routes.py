@@ -9,14 +9,14 @@ import time
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import creation
-from server.api.schemas import JobList, JobPublic, PredictRequest, PredictResult, PredictResults, TaskCreate, TaskCreated, TaskList, TaskPrompt, TaskPublic
-from server.api.state import Admin, State
+from server.api.schemas import JobList, JobPublic, JobStatus, PredictOne, PredictRequest, PredictResult, PredictResults, TaskCreate, TaskCreated, TaskList, TaskPrompt, TaskPublic
+from server.api.state import Admin, RegistryUp, State, while_connected
 from server.engine import Result
-from server.errors import Conflict, TaskservError
+from server.errors import Conflict, TaskservError, Unavailable
 from server.task import Request as Row, Task
 
 router = APIRouter()
@@ -31,8 +31,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: State) -> dict[str, object]:
-    await asyncio.to_thread(state.store.registry.list_tasks)  # the store answers
-    return {"status": "ready", "tasks": len(state.engine.tasks), "backbone": state.engine.backbone.fingerprint}
+    """200 while the engine serves its loaded tasks; 503 while starting or stopping. A registry that
+    does not answer leaves the loaded tasks answering, so it does not fail readiness (a blip of the
+    one registry every replica shares would take them all out of rotation): the status is then
+    `degraded` and `down` says what is down and why."""
+    ready = {"status": "ready", "tasks": len(state.engine.tasks), "backbone": state.engine.backbone.fingerprint}
+    why = await state.registry_down() or state.store.registry.read_only()
+    return ready if why is None else {**ready, "status": "degraded", "down": {"registry": why}}
 
 
 @router.get("/metrics")
@@ -45,24 +50,24 @@ async def metrics(state: State) -> Response:
 
 
 @tasks_router.post("/predict", response_model=PredictResult | PredictResults)
-async def predict(body: PredictRequest, state: State):
-    """Every row is validated before any is queued, all rows are admitted or none (429), and the
-    first failing row fails the request at once (the others are dropped if they have not run)."""
+async def predict(body: PredictRequest, state: State, request: Request):
+    """Every row is validated before any is queued (a bad row never reaches the engine), all rows
+    are admitted or none (429), the first failing row fails the request at once, and a client that
+    disconnects takes its rows with it (those not yet run are dropped)."""
     start = time.perf_counter()
     rows = [Row(r.task, r.text, body.options.max_new_tokens) for r in body.rows()]
     try:
-        if len(rows) > 1:
-            await asyncio.to_thread(state.engine.check, rows)
-        results = await state.batcher.submit_all(rows, [len(r.text) + 1 for r in rows])
+        await asyncio.to_thread(state.engine.check, rows)
+        results = await while_connected(request, state.batcher.submit_all(rows, [len(r.text) + 1 for r in rows]))
     except TaskservError as exc:
         for r in rows:  # the request failed as a whole: count its rows under the error
-            state.metrics.predictions.labels(r.task if r.task in state.engine.tasks else "_unknown", exc.type).inc()
+            state.metrics.predicted(r.task if r.task in state.engine.tasks else "_unknown", exc.type)
         raise
     for r in rows:
-        state.metrics.predictions.labels(r.task, "ok").inc()
+        state.metrics.predicted(r.task, "ok")
     state.metrics.latency.labels("predict").observe(time.perf_counter() - start)
     public = [_public_result(result, body.options.return_scores) for result in results]
-    return public[0] if body.inputs is None else PredictResults(results=public)
+    return public[0] if isinstance(body, PredictOne) else PredictResults(results=public)
 
 
 def _public_result(result: Result, return_scores: bool) -> PredictResult:
@@ -79,26 +84,31 @@ def _public(row: dict, served: dict[str, Task]) -> TaskPublic:
     return TaskPublic(name=row["name"], method=row["method"], status=row["status"], version=row["current_version"], served=task is not None, error=row.get("error"), spec=spec)
 
 
-@tasks_router.get("/tasks", response_model=TaskList)
+@tasks_router.get("/tasks", response_model=TaskList, dependencies=[RegistryUp])
 async def list_tasks(state: State) -> TaskList:
     rows = await asyncio.to_thread(state.store.registry.list_tasks)
     served = state.engine.tasks.snapshot()
     return TaskList(tasks=[_public(r, served) for r in rows])
 
 
-@tasks_router.get("/tasks/{name}", response_model=TaskPublic)
+@tasks_router.get("/tasks/{name}", response_model=TaskPublic, dependencies=[RegistryUp])
 async def show_task(name: str, state: State) -> TaskPublic:
     return _public(await asyncio.to_thread(state.store.registry.get_task, name), state.engine.tasks.snapshot())
 
 
-@tasks_router.delete("/tasks/{name}", status_code=204, dependencies=[Admin])
+@tasks_router.delete("/tasks/{name}", status_code=204, dependencies=[Admin, RegistryUp])
 async def delete_task(name: str, state: State) -> Response:
     await asyncio.to_thread(state.store.registry.delete_task, name)
-    await state.batcher.run_on_engine_thread(state.engine.tasks.remove, name)
+
+    def unload() -> None:
+        state.changes += 1  # a store sync that read the registry before the delete must not bring it back
+        state.engine.tasks.remove(name)
+
+    await state.batcher.run_on_engine_thread(unload)
     return Response(status_code=204)
 
 
-@tasks_router.post("/tasks", status_code=201, response_model=TaskCreated, dependencies=[Admin])
+@tasks_router.post("/tasks", status_code=201, response_model=TaskCreated, dependencies=[Admin, RegistryUp])
 async def create_task(body: TaskCreate, state: State, response: Response) -> TaskCreated:
     engine, registry = state.engine, state.store.registry
     accepted = creation.prepare(body, engine, state.settings)
@@ -108,14 +118,23 @@ async def create_task(body: TaskCreate, state: State, response: Response) -> Tas
         return TaskCreated(task=_public(await asyncio.to_thread(registry.get_task, body.name), engine.tasks.snapshot()), job=job["id"])
     if await asyncio.to_thread(registry.exists, body.name):
         raise Conflict(f"task {body.name!r} already exists")
-    task = creation.ready_task(accepted, engine)
+    made = creation.ready_task(accepted, engine)
 
-    def publish_and_load() -> None:
-        state.store.publish(task, engine.backbone.fingerprint)
+    def publish_and_load() -> Task:
+        if registry.exists(body.name):  # checked again here, where creations publish one at a time
+            raise Conflict(f"task {body.name!r} already exists")
+        task = dataclasses.replace(made, version=state.store.next_version(made.name))  # a deleted task's versions are not reused
+        try:
+            state.store.publish(task, engine.backbone.fingerprint)
+        except OSError as exc:  # a full or read-only disk: the artifact is written atomically, so nothing was published
+            raise Unavailable(f"the store ({state.store.root}) could not be written: {exc.strerror or exc}; task {task.name!r} was not published") from exc
+        state.changes += 1  # a store sync that read the registry before the publish must not unload it
         engine.tasks.add(task)
+        return task
 
-    await state.batcher.run_on_engine_thread(publish_and_load)
-    return TaskCreated(task=_public(await asyncio.to_thread(registry.get_task, body.name), engine.tasks.snapshot()))
+    task = await state.batcher.run_on_engine_thread(publish_and_load)
+    created = {"name": task.name, "method": task.method, "status": "ready", "current_version": task.version, "error": None}
+    return TaskCreated(task=_public(created, {task.name: task}))  # what was published (a delete may follow at once)
 
 
 @tasks_router.get("/tasks/{name}/prompt", response_model=TaskPrompt, dependencies=[Admin])
@@ -128,19 +147,19 @@ async def task_prompt(name: str, state: State) -> TaskPrompt:
                       backbone=state.engine.backbone.fingerprint, prompt=prompt.float().cpu().tolist())
 
 
-@tasks_router.get("/jobs", response_model=JobList)
-async def list_jobs(state: State, status: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
+@tasks_router.get("/jobs", response_model=JobList, dependencies=[RegistryUp])
+async def list_jobs(state: State, status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
     jobs = await asyncio.to_thread(state.store.registry.list_jobs, status, limit)
     return JobList(jobs=[JobPublic(**{k: job[k] for k in JobPublic.model_fields}) for job in jobs])
 
 
-@tasks_router.get("/jobs/{job_id}", response_model=JobPublic)
+@tasks_router.get("/jobs/{job_id}", response_model=JobPublic, dependencies=[RegistryUp])
 async def show_job(job_id: str, state: State) -> JobPublic:
     job = await asyncio.to_thread(state.store.registry.get_job, job_id)
     return JobPublic(**{k: job[k] for k in JobPublic.model_fields})
 
 
-@tasks_router.delete("/jobs/{job_id}", response_model=JobPublic, dependencies=[Admin])
+@tasks_router.delete("/jobs/{job_id}", response_model=JobPublic, dependencies=[Admin, RegistryUp])
 async def cancel_job(job_id: str, state: State) -> JobPublic:
     job = await asyncio.to_thread(state.store.registry.cancel_job, job_id)
     return JobPublic(**{k: job[k] for k in JobPublic.model_fields})

@@ -3,13 +3,19 @@ lives with the task-creation rules (`server.creation`), which the worker shares.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag
 
+from adapters_store.registry import JOB_STATES
 from server.creation import ExampleIn, Strict, TaskCreate, TrainOptions
+from server.engine import EngineConfig
 
-__all__ = ["ExampleIn", "JobList", "JobPublic", "TaskPrompt", "PredictRequest", "PredictResult", "PredictResults", "PredictRow", "TaskCreate", "TaskCreated", "TaskList", "TaskPublic", "TrainOptions"]
+__all__ = ["ExampleIn", "JobList", "JobPublic", "JobStatus", "TaskPrompt", "PredictMany", "PredictOne", "PredictRequest", "PredictResult", "PredictResults", "PredictRow", "TaskCreate", "TaskCreated", "TaskList", "TaskPublic", "TrainOptions"]
+
+
+MAX_NEW_TOKENS = EngineConfig.max_new_tokens
+"""The engine refuses more new tokens per row than this (a 422): the schemas say so."""
 
 
 class PredictRow(Strict):
@@ -18,29 +24,39 @@ class PredictRow(Strict):
 
 
 class PredictOptions(Strict):
-    max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     return_scores: bool = True
 
 
-class PredictRequest(Strict):
-    """Either one row (`task` + `text`) or `inputs` (rows may mix tasks)."""
+class PredictOne(PredictRow):
+    """One row: `task` + `text`."""
 
-    task: str | None = Field(default=None, min_length=1, max_length=64)
-    text: str | None = Field(default=None, max_length=100_000)
-    inputs: list[PredictRow] | None = Field(default=None, min_length=1, max_length=1024)
     options: PredictOptions = Field(default_factory=PredictOptions)
 
-    @model_validator(mode="after")
-    def _one_form(self) -> PredictRequest:
-        single = self.task is not None or self.text is not None
-        if single == (self.inputs is not None):
-            raise ValueError("give either task + text or inputs")
-        if single and (self.task is None or self.text is None):
-            raise ValueError("task and text go together")
-        return self
+    def rows(self) -> list[PredictRow]:
+        return [self]
+
+
+class PredictMany(Strict):
+    """`inputs`: rows that may mix tasks."""
+
+    inputs: list[PredictRow] = Field(min_length=1, max_length=1024)
+    options: PredictOptions = Field(default_factory=PredictOptions)
 
     def rows(self) -> list[PredictRow]:
-        return self.inputs if self.inputs is not None else [PredictRow(task=self.task, text=self.text)]
+        return self.inputs
+
+
+ONE, MANY = "one row (task + text)", "rows (inputs)"  # the forms' tags: 422 messages start with the form checked
+
+
+def _predict_form(body: Any) -> str:
+    return MANY if isinstance(body, dict) and "inputs" in body else ONE
+
+
+PredictRequest = Annotated[Annotated[PredictOne, Tag(ONE)] | Annotated[PredictMany, Tag(MANY)], Discriminator(_predict_form)]
+"""Either one row (`task` + `text`) or `inputs`: two closed objects, so the schema states the either/or
+(`oneOf`), and a body with `inputs` is checked as the many-row form only (its errors name that form's fields)."""
 
 
 class PredictResult(BaseModel):
@@ -84,6 +100,9 @@ class TaskPrompt(BaseModel):
     """The served backbone's fingerprint."""
     prompt: list[list[float]]
     """[m, d] the soft prompt the task prepends to every input."""
+
+
+JobStatus = Literal[JOB_STATES]  # type: ignore[valid-type]  # the statuses `GET /v1/jobs?status=` filters on
 
 
 class JobPublic(BaseModel):

@@ -10,15 +10,11 @@ from server.cli.common import add_common, settings_from
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.api import create_app
-    from server.api.app import check_exposure
+    from server.api.app import check_exposure, serve
 
     settings = settings_from(args)
     check_exposure(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=30)
-    return 0
+    return serve(settings)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
