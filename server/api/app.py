@@ -34,7 +34,7 @@ from adapters_store.store import Store
 from server.api.metrics import Metrics
 from server.api.openai_routes import router as openai_router
 from server.api.routes import router, tasks_router
-from server.api.state import AppState
+from server.api.state import AppState, require_registry
 from server.api.supervisor import WorkerProcess
 from server.batcher import Batcher, BatcherConfig, Partial
 from server.engine import Engine, Running
@@ -207,9 +207,7 @@ async def _poll(state: AppState) -> None:
     while True:
         await asyncio.sleep(state.settings.sync_interval_s)
         try:
-            why = await state.registry_down()
-            if why is not None:
-                raise Unavailable(why)
+            await require_registry(state)  # Unavailable while it is down, as the registry routes answer
             report = None
             while report is None:  # the registry is read off the engine thread: one that hangs never stalls a batch
                 mark = state.changes
