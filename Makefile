@@ -84,14 +84,16 @@ serve-vllm: venv-vllm assets
 
 # Rebuild demo_store/ (seeded, CPU-sized budgets): multi-task training of every trainable method on
 # the data catalog's mix (`--method all`: registry order, one budget for all), then export of the
-# trained tasks and shared modules. Reports go to docs/results/train-<method>.json.
+# trained tasks and shared modules. Reports go to docs/results/train-<method>.json. Resumable: a rerun
+# keeps the work folder, skips the zero-shot table and the methods already trained, and continues the
+# interrupted method from its checkpoint (FRESH=1 starts over).
 DEMO_STORE_WORK := build/demo-store
 DEMO_STEPS ?= 120
 DEMO_TRAIN_ARGS := --store $(DEMO_STORE_WORK) --batch-size 8 --eval-rows 200 --lr 1e-3 --seed 0
 demo-store: venv assets data
-	rm -rf $(DEMO_STORE_WORK)
-	$(VENV)/bin/taskserve eval --zero-shot --store $(DEMO_STORE_WORK) --eval-rows 200 --tasks $(ALL_TASKS) --out docs/results/zero-shot.json
-	$(VENV)/bin/taskserve train --method all --steps $(DEMO_STEPS) --eval-every $$(( $(DEMO_STEPS) / 2 )) --val-rows 40 $(DEMO_TRAIN_ARGS) --out 'docs/results/train-{method}.json'
+	$(if $(FRESH),rm -rf $(DEMO_STORE_WORK))
+	test -s $(DEMO_STORE_WORK)/zero-shot.done || { $(VENV)/bin/taskserve eval --zero-shot --store $(DEMO_STORE_WORK) --eval-rows 200 --tasks $(ALL_TASKS) --out docs/results/zero-shot.json && date > $(DEMO_STORE_WORK)/zero-shot.done; }
+	$(VENV)/bin/taskserve train --method all --skip-done --steps $(DEMO_STEPS) --eval-every $$(( $(DEMO_STEPS) / 2 )) --val-rows 40 $(DEMO_TRAIN_ARGS) --out 'docs/results/train-{method}.json'
 	rm -rf demo_store && $(VENV)/bin/taskserve store export demo_store --store $(DEMO_STORE_WORK)
 
 # Few-shot jobs with the default request (description + labels + examples) through a server seeded

@@ -151,6 +151,11 @@ class Registry:
                 s.add(VersionRow(task=name, version=version, path=path, sha256=sha256))
             task.current_version, task.status, task.error = version, "ready", None
 
+    def versions(self, name: str) -> list[int]:
+        """Every published version of `name`, oldest first."""
+        with self._session() as s:
+            return sorted(s.scalars(select(VersionRow.version).where(VersionRow.task == name)).all())
+
     def next_version(self, name: str) -> int:
         with self._session() as s:
             versions = s.scalars(select(VersionRow.version).where(VersionRow.task == name)).all()
@@ -255,6 +260,12 @@ class Registry:
     @staticmethod
     def _count(s, status: str) -> int:
         return int(s.scalar(select(func.count()).select_from(JobRow).where(JobRow.status == status)))
+
+    def job_counts(self) -> dict[str, int]:
+        """Jobs per state, every state of JOB_STATES present (one grouped query)."""
+        with self._session() as s:
+            counted = dict(s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all())
+        return {state: int(counted.get(state, 0)) for state in JOB_STATES}
 
     def count_jobs(self, status: str) -> int:
         with self._session() as s:

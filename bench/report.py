@@ -144,12 +144,36 @@ def lr_calibration_table(folder: Path) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else "(not run)\n"
 
 
+def dtype_table(folder: Path) -> str:
+    """Every demo task's test accuracy served in bf16 next to fp32 (`dtype-<dtype>.json`, two
+    `taskserve eval --dtype D` reports over the same store and rows)."""
+    paths = {d: folder / f"dtype-{d}.json" for d in ("float32", "bfloat16")}
+    if not all(p.exists() for p in paths.values()):
+        return "(not run)\n"
+    served = {d: json.loads(p.read_text())["served"] for d, p in paths.items()}
+    lines = ["| task | method | rows | fp32 | bf16 | bf16 − fp32 (points) |", "|---|---|---:|---:|---:|---:|"]
+    diffs = []
+    for task in sorted(served["float32"]):
+        for method in METHODS:
+            a, b = served["float32"][task].get(method), served["bfloat16"].get(task, {}).get(method)
+            if a is None or b is None:
+                continue
+            diff = 100 * (b["accuracy"] - a["accuracy"])
+            diffs.append(diff)
+            lines.append(f"| {task} | {method} | {a['n']} | {a['accuracy']:.3f} | {b['accuracy']:.3f} | {diff:+.1f} |")
+    within = sum(abs(x) <= 1.0 + 1e-9 for x in diffs)
+    lines.append(f"\n{len(diffs)} demo tasks; within one point: {within}; largest difference {max(diffs, key=abs):+.1f} points; "
+                 f"mean {statistics.fmean(diffs):+.2f} points.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     folder = Path((argv or sys.argv[1:] or ["docs/results"])[0])
     print("## Multi-task\n\n" + multitask_table(folder))
     print("## Few-shot jobs, default request\n\n" + default_jobs_table(folder))
     print("## Few-shot transfer\n\n" + few_shot_table(folder))
     print("## Soft-prompt learning rate\n\n" + lr_calibration_table(folder))
+    print("## bf16 vs fp32 serving\n\n" + dtype_table(folder))
     print("## Few-shot jobs through the server\n\n" + jobs_table(folder))
     return 0
 

@@ -153,9 +153,26 @@ def peft_runner(model: torch.nn.Module, tokenizer: ByT5Tokenizer, prompts: list[
     return run
 
 
-def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, reps: int) -> dict:
+def hf_runner(model: torch.nn.Module, tokenizer: ByT5Tokenizer, prompts: list[str], label_ids: list[int], is_t5: bool) -> Callable[[], list[str]]:
+    """The backbone alone as HF runs it: one padded forward of the rendered rows, argmax over labels
+    (the reference for our `plain` rows: what the engine adds per batch)."""
+    device, start = model.device, getattr(model.config, "decoder_start_token_id", None)
+
+    def run() -> list[str]:
+        enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=is_t5).to(device)
+        if is_t5:
+            dec = torch.full((len(prompts), 1), start, dtype=torch.long, device=device)
+            logits = model(**enc, decoder_input_ids=dec).logits[:, -1]  # [B, vocab]
+        else:
+            logits = model(**enc, logits_to_keep=1).logits[:, -1]  # [B, vocab]
+        return [LABELS[best] for best in logits[:, label_ids].argmax(-1).tolist()]
+
+    return run
+
+
+def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, reps: int, dtype: torch.dtype | None = None) -> dict:
     cuda = device == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     model, form = build(shape, device, dtype)
     is_t5 = shape == "t5-base"
     peft_base = copy.deepcopy(model)  # PEFT gets its own copy: our engine's hooks are not on it
@@ -178,6 +195,8 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
         prompt[name] = task.params["prompt"].detach().clone()
         engine.tasks.add(task)
     engine.tasks.add(engine.tasks.new("pt-gen", PROMPT, gen_spec, init={"prompt": prompt["pt-0"]}))
+    engine.tasks.add(engine.tasks.new("plain", "plain", spec))  # the backbone alone: what a row costs without a prompt
+    engine.tasks.add(engine.tasks.new("tpv-one", "tpv", spec, seed=7))
     methods = method_ids()
     per_method = max(1, min(8, batch // len(methods)))
     mixed_names = []
@@ -203,8 +222,10 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
         return lambda: [r.output for r in engine.run(requests)]
 
     configs: list[tuple[str, str, int, Callable[[], list[str]]]] = [("ours/1-task", "a", 1, ours(["pt-0"] * batch))]
+    configs += [("ours/plain", "a", 1, ours(["plain"] * batch)), ("ours/1-tpv-task", "a", 1, ours(["tpv-one"] * batch))]
     configs += [(f"ours/mixed-{n}", "b", n, ours(spread(batch, pt_names[:n], seed=n))) for n in n_list]
     configs.append((f"ours/all-methods-{len(mixed_names)}", "c", len(mixed_names), ours(spread(batch, mixed_names, seed=5))))
+    configs.append(("hf/plain", "d", 1, hf_runner(pmodel.get_base_model(), peft_tok, prompts, label_ids, is_t5)))
     configs.append(("peft/1-adapter", "d", 1, peft_runner(pmodel, peft_tok, prompts, ["pt-0"] * batch, label_ids, is_t5)))
     configs += [(f"peft/grouped-{n}", "d", n, peft_runner(pmodel, peft_tok, prompts, spread(batch, pt_names[:n], seed=n), label_ids, is_t5)) for n in n_list]
     configs.append(("ours/generate-4", "e", 1, ours(["pt-gen"] * batch)))
@@ -226,13 +247,16 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
         return runs[name]["rows_per_s"]
 
     ratios: dict[str, float] = {"ours-1-task / peft-1-adapter": rate("ours/1-task") / rate("peft/1-adapter")}
+    ratios["ours-plain / hf-plain"] = rate("ours/plain") / rate("hf/plain")
+    ratios["row cost: prompt-tuning / plain (time over time)"] = rate("ours/plain") / rate("ours/1-task")
+    ratios["row cost: tpv / plain (time over time)"] = rate("ours/plain") / rate("ours/1-tpv-task")
     for n in n_list:
         ratios[f"ours-mixed-{n} / ours-1-task"] = rate(f"ours/mixed-{n}") / rate("ours/1-task")
         ratios[f"ours-mixed-{n} / peft-grouped-{n}"] = rate(f"ours/mixed-{n}") / rate(f"peft/grouped-{n}")
     ratios[f"ours-all-methods-{len(mixed_names)} / ours-1-task"] = rate(f"ours/all-methods-{len(mixed_names)}") / rate("ours/1-task")
     ratios["classify / generate-4"] = rate("ours/1-task") / rate("ours/generate-4")
 
-    agree = {"peft/1-adapter": _agree(answers["ours/1-task"], answers["peft/1-adapter"])}
+    agree = {"peft/1-adapter": _agree(answers["ours/1-task"], answers["peft/1-adapter"]), "hf/plain": _agree(answers["ours/plain"], answers["hf/plain"])}
     for n in n_list:
         agree[f"peft/grouped-{n}"] = _agree(answers[f"ours/mixed-{n}"], answers[f"peft/grouped-{n}"])
     described = [m for m in methods if method_class(m).render is not Method.render]  # methods that render more than the template
@@ -307,7 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, help="input tokens L (default 128 on cuda, 64 on cpu, 32 with --quick)")
     parser.add_argument("--reps", type=int, help="timed repetitions (>= 5)")
     parser.add_argument("--warmup", type=int, help="warm-up runs (>= 2)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     batch = args.batch or (8 if args.quick else 128 if cuda else 32)
     length = args.length or (32 if args.quick else 128 if cuda else 64)
@@ -316,10 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     outputs = []
     for shape in ("smollm2", "t5-base") if args.shape == "all" else (args.shape,):
-        res = run_shape(shape, args.device, batch, length, warmup, reps)
+        res = run_shape(shape, args.device, batch, length, warmup, reps, getattr(torch, args.dtype) if args.dtype else None)
         res["quick"] = args.quick
         text, md = tables(res)
-        stem = RESULTS / f"{shape}-{args.device}-{stamp}"
+        stem = RESULTS / f"{shape}-{args.device}-{res['dtype']}-b{batch}-{stamp}"
         stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
         stem.with_suffix(".md").write_text(md)
         outputs.append((text, md, stem))

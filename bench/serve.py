@@ -5,7 +5,10 @@ Starts `taskserve serve` on a scratch store seeded with the demo tasks (no worke
   2. throughput (rows/s) and p99 at concurrency 1 / 8 / 32: rows over all demo tasks mixed vs the
      same rows all on one task;
   3. the same single rows through the engine alone in this process (no HTTP, no batcher), so the
-     cost of the API + batcher is a ratio;
+     cost of the API + batcher is a ratio — with the server's torch threads and with one thread,
+     interleaved (1 vs 2 threads side by side);
+  5. a `plain` task (the backbone alone, the prompt-tuning task's template) as the reference row: a
+     prompt-tuning / TPV row over a plain row of the same input is what their soft prompt costs;
   4. the HF + PEFT way a user would serve the demo's prompt-tuning tasks: one PeftModel holding one
      PROMPT_TUNING adapter per task, rows grouped per task, `set_adapter` and one padded forward per
      group — on the same rows, as the anchor ratio.
@@ -110,13 +113,20 @@ def engine_alone(dtype: str, store: Path, by_method: dict[str, str], n: int):
     engine = build_engine(settings)
     attach(Store(store), engine)
 
-    def run(method: str) -> list[float]:
-        times = []
-        for i in range(n):
-            t0 = time.perf_counter()
-            engine.run([Request(by_method[method], REVIEWS[i % len(REVIEWS)])])
-            times.append(time.perf_counter() - t0)
-        return times
+    def run(method: str, threads: int | None = None) -> list[float]:
+        import torch
+
+        server_threads = torch.get_num_threads()
+        torch.set_num_threads(threads or server_threads)
+        try:
+            times = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                engine.run([Request(by_method[method], REVIEWS[i % len(REVIEWS)])])
+                times.append(time.perf_counter() - t0)
+            return times
+        finally:
+            torch.set_num_threads(server_threads)
 
     return engine, run
 
@@ -180,14 +190,23 @@ def main(argv: list[str] | None = None) -> int:
             method = httpx.get(f"{url}/v1/tasks/{name}").json()["method"]
             by_method.setdefault(method, name)
         one = by_method[method_for_peft("PROMPT_TUNING")]
+        reference = httpx.get(f"{url}/v1/tasks/{one}").json()["spec"]
+        plain = httpx.post(f"{url}/v1/tasks", json={"name": "bench-plain", "method": "plain", "description": reference["description"],
+                                                    "labels": reference["labels"], "template": reference["template"]})
+        plain.raise_for_status()
+        by_method["plain"] = "bench-plain"
         engine, alone = engine_alone(args.dtype, store, by_method, args.requests)
+        import torch
+
+        engine_threads = torch.get_num_threads()
         prompt_tasks = [n for n in tasks if httpx.get(f"{url}/v1/tasks/{n}").json()["method"] == method_for_peft("PROMPT_TUNING")]
         peft_run = peft_way(engine, prompt_tasks)
-        results: dict = {"latency": defaultdict(list), "engine": defaultdict(list), "throughput": defaultdict(list), "p99": defaultdict(list), "peft": []}
+        results: dict = {"latency": defaultdict(list), "engine": defaultdict(list), "engine_1t": defaultdict(list), "throughput": defaultdict(list), "p99": defaultdict(list), "peft": []}
         for _ in range(args.rounds):  # every configuration once per round: background load hits all alike
             for method, name in by_method.items():
                 results["latency"][method] += asyncio.run(sequential(url, [name], args.requests))
                 results["engine"][method] += alone(method)
+                results["engine_1t"][method] += alone(method, threads=1)
             for concurrency in (1, 8, 32):
                 for label, pool in (("mixed", tasks), ("one", [one])):
                     rate, lats = asyncio.run(concurrent(url, pool, concurrency, args.rows))
@@ -205,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         proc.wait(30)
     summary = {
         "device": device_name("cpu"), "dtype": args.dtype, "note": args.note, "rounds": args.rounds,
-        "latency_ms": {m: {"p50": 1000 * statistics.median(v), "p99": 1000 * percentile(v, 0.99), "engine_p50": 1000 * statistics.median(results["engine"][m])} for m, v in results["latency"].items()},
+        "threads": engine_threads,
+        "latency_ms": {m: {"p50": 1000 * statistics.median(v), "p99": 1000 * percentile(v, 0.99), "engine_p50": 1000 * statistics.median(results["engine"][m]),
+                           "engine_1_thread_p50": 1000 * statistics.median(results["engine_1t"][m])} for m, v in results["latency"].items()},
         "throughput_rows_s": {k: statistics.median(v) for k, v in results["throughput"].items()},
         "p99_ms": {k: 1000 * statistics.median(v) for k, v in results["p99"].items()},
         "peft": {"ours_over_peft_speed": statistics.median(r["peft_s"] / r["ours_s"] for r in results["peft"]), "runs": results["peft"]},
@@ -214,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"serve-cpu-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(summary, indent=2))
     print(f"### taskserve over HTTP on {summary['device']} ({args.dtype}); {args.note}\n")
-    print("| method | HTTP p50 ms | HTTP p99 ms | engine alone p50 ms | HTTP / engine |\n|---|---:|---:|---:|---:|")
-    for m, v in summary["latency_ms"].items():
-        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x |")
+    lat = summary["latency_ms"]
+    print(f"| method | HTTP p50 ms | HTTP p99 ms | engine alone p50 ms | HTTP / engine | over plain (HTTP) | over plain (engine) | engine, 1 thread p50 ms | 1 / {engine_threads} threads |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m, v in lat.items():
+        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x | {v['p50'] / lat['plain']['p50']:.2f}x "
+              f"| {v['engine_p50'] / lat['plain']['engine_p50']:.2f}x | {v['engine_1_thread_p50']:.0f} | {v['engine_1_thread_p50'] / v['engine_p50']:.2f}x |")
     print("\n| concurrency | mixed rows/s | one-task rows/s | mixed / one | mixed p99 ms | one p99 ms |\n|---:|---:|---:|---:|---:|---:|")
     for c in (1, 8, 32):
         mixed, single = summary["throughput_rows_s"][f"mixed@{c}"], summary["throughput_rows_s"][f"one@{c}"]

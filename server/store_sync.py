@@ -46,8 +46,13 @@ Seen = tuple[dict[str, int], list[dict[str, Any]]]  # the registry as `sync` com
 
 
 def read_registry(store: Store) -> Seen:
-    """What `sync` compares the engine with: the current shared module versions and every task row."""
-    return store.registry.current_modules(), store.registry.list_tasks()
+    """What `sync` compares the engine with: the current shared module versions and every task row
+    (a failed one with its published `versions`, for the fallback to the last good one)."""
+    rows = store.registry.list_tasks()
+    for row in rows:
+        if row["status"] == "failed" and row["current_version"]:
+            row["versions"] = store.registry.versions(row["name"])
+    return store.registry.current_modules(), rows
 
 
 def sync(store: Store, engine: Engine, seen: Seen | None = None) -> SyncReport:
@@ -90,8 +95,36 @@ def sync(store: Store, engine: Engine, seen: Seen | None = None) -> SyncReport:
                 table.add(previous)  # the last good version keeps serving
             else:
                 table.remove(name)
+                rows[name] = {**row, "status": "failed"}  # for `_fall_back`, below
             report.failed[name] = message
+    _fall_back(store, engine, rows, report)
     return report
+
+
+def _fall_back(store: Store, engine: Engine, rows: dict[str, dict[str, Any]], report: SyncReport) -> None:
+    """A task whose newest version failed and that this engine does not serve (a restart, or a
+    newcomer to the deployment) serves its newest earlier version that loads, as a running server
+    keeps its last good one. Tried once per failed version (`table.fallbacks_tried`); the task stays
+    `failed` with the newest version's error, so its owner still sees what to fix."""
+    table = engine.tasks
+    for name, row in rows.items():
+        newest = row["current_version"]
+        if row["status"] != "failed" or not newest or name in table or (name, newest) in table.fallbacks_tried:
+            continue
+        table.fallbacks_tried.add((name, newest))
+        published = row["versions"] if "versions" in row else store.registry.versions(name)  # read here only just after a failure, which wrote the registry too
+        for version in sorted((v for v in published if v < newest), reverse=True):
+            try:
+                load_task(store, engine, name, version)
+                report.loaded.append(name)
+                log.warning("task %s: v%s failed, serving v%s (its newest version that loads)", name, newest, version)
+                break
+            except Unavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - as in `sync`: an artifact fails alone
+                log.error("task %s v%s does not load either: %s", name, version, exc)
+                if name in table:
+                    table.remove(name)
 
 
 def load_task(store: Store, engine: Engine, name: str, version: int) -> None:

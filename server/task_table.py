@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -49,11 +48,7 @@ class LoadedTask:
     static: dict[str, Tensor]
     targets: list[list[int]]
     host: Task  # the host copy this was built from (identifies the version)
-
-    @functools.cached_property
-    def nbytes(self) -> int:  # once per resident version: eviction sums it on every batch
-        tensors = [*self.task.params.values(), *self.static.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+    nbytes: int  # device memory this version holds of its own (see `_own_bytes`); eviction sums it on every batch
 
 
 class TaskTable(Mapping[str, Task]):
@@ -73,6 +68,8 @@ class TaskTable(Mapping[str, Task]):
         self.rebuilds = 0
         """Device copies built again for a batch because theirs was evicted (or swapped out) since."""
         self.evictions = 0
+        self.fallbacks_tried: set[tuple[str, int]] = set()
+        """(task, failed newest version) pairs the store sync has fallen back from (store_sync._fall_back)."""
         """Device copies dropped to keep resident bytes under `memory_bytes`."""
         self._lock = threading.RLock()
         self.vocab = Vocabulary(backbone.embedding.weight, lambda text: list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"]))
@@ -248,7 +245,7 @@ class TaskTable(Mapping[str, Task]):
             raise InvalidRequest(f"labels: a label of task {task.name!r} encodes to no tokens")
         if task.spec.scoring == "first" and len({t[0] for t in targets}) < len(targets):
             raise InvalidRequest(f"labels: labels of task {task.name!r} share their first token; use scoring 'sum' or 'mean'")
-        return LoadedTask(device_task, static, targets, host)
+        return LoadedTask(device_task, static, targets, host, _own_bytes([*device_task.params.values(), *static.values()], method))
 
     def _evict(self, keep: set[str]) -> None:
         """Drop least recently used device copies until under the bound: others first, those in
@@ -264,6 +261,22 @@ class TaskTable(Mapping[str, Task]):
                 break
             total -= self._resident.pop(name).nbytes
             self.evictions += 1
+
+
+def _own_bytes(tensors: list[Tensor], method: Method) -> int:
+    """Bytes of the tensors a resident task holds of its own: each tensor once (prompt tuning's static
+    prompt IS its param), none that is the shared module's (IP from a description serves the
+    module's nets; the module's memory is not a task's to evict)."""
+    shared = {t.untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        key = (t.data_ptr(), t.numel())
+        if t.untyped_storage().data_ptr() in shared or key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
 
 
 def _with_params(task: Task, device: torch.device | str) -> Task:

@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             log.info("store seeded from %s: %s", settings.seed_store, ", ".join(seeded))
         await batcher.run_on_engine_thread(attach, store, eng)
         metrics.tasks_loaded.set(len(eng.tasks))
+        metrics.count_jobs(await asyncio.to_thread(store.registry.job_counts))
         state.ready = True
         poller = asyncio.create_task(_poll(state))
         worker = WorkerProcess(settings) if settings.embedded_worker else None
@@ -219,6 +220,7 @@ async def _poll(state: AppState) -> None:
             if report.loaded or report.removed or report.failed:
                 log.info("store sync: loaded %s, removed %s, failed %s", report.loaded, report.removed, sorted(report.failed))
             state.metrics.tasks_loaded.set(len(state.engine.tasks))
+            state.metrics.count_jobs(await asyncio.to_thread(state.store.registry.job_counts))
         except Unavailable as exc:
             if down is None:
                 log.error("store sync: %s; the %d loaded tasks keep answering, retrying every %s s", exc.message, len(state.engine.tasks), state.settings.sync_interval_s)

@@ -28,11 +28,16 @@ class Metrics:
         self.tasks_loaded = Gauge("taskserve_tasks_loaded", "Tasks the engine serves", registry=self.registry)
         self.task_memory = Gauge("taskserve_task_memory_bytes", "Device memory held by resident per-task tensors", registry=self.registry)
         self.queue_depth = Gauge("taskserve_queue_depth", "Rows waiting for a batch", registry=self.registry)
+        self.jobs = Gauge("taskserve_jobs", "Training jobs in the registry by state (as of the last store sync)", ["state"], registry=self.registry)
         self.backend_rows = Gauge("taskserve_backend_rows", "Rows the engine has run since start, by backend (native; vllm)", ["backend"], registry=self.registry)
 
     def watch(self, table: TaskTable) -> None:
         """Export the task table's residency counters (read at each scrape)."""
         self.registry.register(_Residency(table))
+
+    def count_jobs(self, counts: dict[str, int]) -> None:
+        for state, n in counts.items():
+            self.jobs.labels(state).set(n)
 
     def predicted(self, task: str, outcome: str) -> None:
         """Count a row by task and outcome ("ok" or the error type). The label set stays bounded

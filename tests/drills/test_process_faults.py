@@ -28,6 +28,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -727,6 +728,7 @@ class TestStoreOnAFullDisk:
             assert r.status_code == 404, r.text
             assert not (store / "tasks" / name).exists() or not any((store / "tasks" / name).iterdir())
             assert not leftovers(store) and not (store / "jobs" / job_id).exists(), (leftovers(store), list((store / "jobs").glob("*")))
+            jobs_gauge_follows(d)
         finally:
             filler.close()
         again = httpx.post(f"{d.url}/v1/tasks", json=training(name, steps), headers=d.headers, timeout=60)
@@ -735,6 +737,16 @@ class TestStoreOnAFullDisk:
         wait(lambda: httpx.get(f"{d.url}/v1/jobs/{retry}", timeout=10).json()["status"] in ("succeeded", "failed", "cancelled"), "the retried job ends", 300)
         assert httpx.get(f"{d.url}/v1/jobs/{retry}", timeout=10).json()["status"] == "succeeded"
         wait(lambda: served(d, name), "the retrained task is served", 60)
+        jobs_gauge_follows(d)
         record("job_that_raises", fault="ENOSPC in the worker (store on a full tmpfs)", outcome=job["status"], error=job["error"][:80],
                task_status=shown["status"], task_version=shown["version"], served=shown["served"], leftovers=0,
                resubmitted_after_freeing="succeeded, served")
+
+
+def jobs_gauge_follows(d: Deployment) -> None:
+    """Drill 19's job states: within a few sync intervals `taskserve_jobs{state}` equals the jobs the
+    registry lists in each state."""
+    def agrees() -> bool:
+        listed = Counter(job["status"] for job in d.writer.registry.list_jobs(limit=10_000))
+        return all(d.metric("taskserve_jobs", state=state) == listed.get(state, 0) for state in ("queued", "running", "succeeded", "failed", "cancelled")) and sum(listed.values()) > 0
+    wait(agrees, "the job-state gauge agrees with the registry", 20)

@@ -107,3 +107,33 @@ def test_shared_module_for_another_backbone_is_refused(tmp_path: Path) -> None:
         build_module(folder, llama.dims, llama.backbone.fingerprint, llama.form_fingerprint)
     module = build_module(folder, t5.dims, t5.backbone.fingerprint, t5.form_fingerprint)
     assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), t5.methods["attempt"].state_dict().values()))
+
+
+def test_after_a_restart_a_task_whose_newest_version_failed_serves_its_last_good_one(tmp_path: Path) -> None:
+    trainer = make_engine("llama")
+    writer = Store(tmp_path)
+    attach(writer, trainer)
+    good = trainer.tasks.new("t", "prompt_tuning", CLASSIFY, seed=1)
+    writer.publish(good, trainer.backbone.fingerprint)
+    writer.publish(trainer.tasks.new("t", "prompt_tuning", CLASSIFY, seed=2, version=2), trainer.backbone.fingerprint)
+    writer.publish(trainer.tasks.new("t", "prompt_tuning", CLASSIFY, seed=3, version=3), trainer.backbone.fingerprint)
+    for version in (2, 3):  # both newer versions are corrupt on disk
+        weights = artifacts.task_dir(tmp_path, "t", version) / artifacts.WEIGHTS
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    trainer.tasks.add(good)
+    want = trainer.run([Request("t", "hi")])[0].scores
+
+    restarted = make_engine("llama")  # a fresh process: it never served any version of t
+    report = attach(Store(tmp_path), restarted)
+    assert "t" in report.failed and report.loaded == ["t"]
+    assert restarted.tasks["t"].version == 1
+    assert restarted.run([Request("t", "hi")])[0].scores == want
+    row = writer.registry.get_task("t")
+    assert row["status"] == "failed" and "v3" in row["error"] and row["current_version"] == 3  # the owner still sees what to fix
+    second = make_engine("llama")  # restarted again, now that the registry already says failed
+    assert attach(Store(tmp_path), second).loaded == ["t"] and second.tasks["t"].version == 1
+    again = sync(Store(tmp_path), restarted)
+    assert again.loaded == [] and again.failed == {} and restarted.tasks["t"].version == 1  # tried once, kept serving
+
+    writer.publish(trainer.tasks.new("t", "prompt_tuning", CLASSIFY, seed=4, version=4), trainer.backbone.fingerprint)
+    assert sync(Store(tmp_path), restarted).loaded == ["t"] and restarted.tasks["t"].version == 4

@@ -104,3 +104,23 @@ def test_nan_scores_fail_their_row_not_its_batch(monkeypatch) -> None:
     monkeypatch.setattr(engine.runner, "label_logprobs", poisoned)
     outcomes = engine.run_each([Request(names[0], "x"), Request(names[1], "y")])
     assert isinstance(outcomes[0], NonFinite) and outcomes[1].label is not None
+
+
+def test_resident_bytes_count_what_a_task_holds_of_its_own() -> None:
+    """Memory accounting: prompt tuning's static prompt is its param (counted once, plus the cached
+    prefix keys/values); IP from a description serves the shared nets (nothing of its own); an IP task
+    with its own copy of the nets holds them."""
+    engine = make_engine("llama")
+    d, layers = engine.dims.d_model, engine.backbone.model.config.num_hidden_layers
+    kv_heads = engine.backbone.model.config.num_key_value_heads
+    head_dim = d // engine.backbone.model.config.num_attention_heads
+    engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", CLASSIFY))
+    engine.tasks.add(engine.tasks.new("ip-described", "ip", CLASSIFY))
+    engine.tasks.add(engine.tasks.new("ip-copy", "ip", CLASSIFY, init={"copy_nets": True}))
+    prompt = 6 * d * 4  # SMALL_CONFIGS: 6 virtual tokens, fp32
+    prefix_kv = layers * 2 * kv_heads * 6 * head_dim * 4  # [L, 2, kvh, m, hd]
+    assert engine.tasks.loaded("pt").nbytes == prompt + prefix_kv
+    assert engine.tasks.loaded("ip-described").nbytes == 0
+    nets = sum(p.numel() * 4 for p in engine.methods["ip"].nets.values())
+    assert engine.tasks.loaded("ip-copy").nbytes == nets
+    assert engine.tasks.resident_bytes == prompt + prefix_kv + nets
