@@ -52,3 +52,20 @@ def test_labels_are_scored_with_a_leading_space_only_on_decoder_only(kind: str) 
     else:
         assert b.label_ids("positive", "Sentiment:") == b.label_ids(" positive", "Sentiment:") == spaced
         assert b.label_ids("positive", "Sentiment: ") == words
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_lm_head_gets_a_fresh_input_so_its_matmul_is_one_mm(rows: int) -> None:
+    """HF hands the head the last position as a view with the whole sequence's strides; torch's
+    matmul then broadcasts the vocabulary weight into a batched matmul (a copy of the embedding per
+    row). The backbone gives the head a fresh [b, 1, d] copy instead, with the same logits."""
+    backbone = tiny_llama()
+    seen = []
+    backbone.model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].stride()))
+    ids = torch.randint(3, 50, (rows, 7))
+    with torch.no_grad():
+        kept = backbone.model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        full = backbone.model(input_ids=ids).logits[:, -1]
+    d = backbone.d_model
+    assert seen[0] == (d, d, 1), seen  # not (7 * d, d, 1): the sliced view
+    assert torch.allclose(kept, full, atol=1e-6)
