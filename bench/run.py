@@ -53,7 +53,7 @@ import transformers
 from peft import PromptTuningConfig, TaskType, get_peft_model
 from transformers import BertConfig, BertModel, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from server.backbone import Backbone, FormModule, freeze
+from server.backbone import Backbone, FormModule, contiguous_head_input, freeze
 from server.data.spec import TaskSpec
 from server.engine import Engine, Request, default_methods
 from server.methods import Method, method_class, method_for_peft, method_ids
@@ -176,6 +176,7 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
     model, form = build(shape, device, dtype)
     is_t5 = shape == "t5-base"
     peft_base = copy.deepcopy(model)  # PEFT gets its own copy: our engine's hooks are not on it
+    contiguous_head_input(peft_base)  # but the LM-head fix is (a fair anchor: without it HF's sliced last position costs an embedding copy per row)
     backbone = Backbone.from_model(model, ByteTokenizer())
     engine = Engine(backbone, form, default_methods(backbone, form))
 

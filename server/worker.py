@@ -41,21 +41,24 @@ log = logging.getLogger("taskserve.worker")
 
 
 class Worker:
-    def __init__(self, settings: Settings, engine: Engine, store: Store, name: str | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, store: Store, name: str | None = None, stop: threading.Event | None = None) -> None:
         self.settings, self.engine, self.store = settings, engine, store
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
 
     def stop(self) -> None:
         """Finish the current step's bookkeeping and exit the loop (SIGTERM)."""
         self._stop.set()
 
     def run_forever(self) -> None:
-        attach(self.store, self.engine)
-        log.info("worker %s polling %s", self.name, self.store.root)
+        attached = False  # a worker started while the registry is down waits for it, as one running does
         down = False  # logged when the registry stops answering and when it answers again
         while not self._stop.is_set():
             try:
+                if not attached:
+                    attach(self.store, self.engine)
+                    attached = True
+                    log.info("worker %s polling %s", self.name, self.store.root)
                 ran = self.run_once()
             except Unavailable as exc:
                 if not down:
@@ -151,12 +154,30 @@ def main(settings: Settings | None = None) -> int:
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = build_engine(settings, training=True)
-    store = Store(settings.store, settings.db_url)
-    worker = Worker(settings, engine, store)
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop())
+        signal.signal(sig, lambda *_: stop.set())
+    store = _open_store(settings, stop)
+    if store is None:
+        return 0
+    worker = Worker(settings, engine, store, stop=stop)  # the signals above stop it
     try:
         worker.run_forever()
     finally:
         store.close()
     return 0
+
+
+def _open_store(settings: Settings, stop: threading.Event) -> Store | None:
+    """The store, once its registry answers (opening it creates the tables): a worker started during
+    a registry outage waits instead of exiting into a restart loop. None if stopped meanwhile."""
+    waiting = False
+    while not stop.is_set():
+        try:
+            return Store(settings.store, settings.db_url)
+        except Unavailable as exc:
+            if not waiting:
+                log.error("worker: %s; waiting for it", exc.message)
+                waiting = True
+            stop.wait(settings.worker_poll_s)
+    return None

@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -36,7 +37,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from harness import CLASSIFY, ROOT, Deployment, deployment, record, scale, wait
+from harness import CLASSIFY, ROOT, Deployment, deployment, record, scale, stop, wait
 from sqlalchemy.engine import make_url
 
 from adapters_store.store import Store
@@ -429,6 +430,33 @@ def proxied(tmp_path_factory) -> Iterator[tuple[Deployment, Proxy, str]]:
 class TestPostgresRegistryBehindAProxy:
     """One server (and its embedded worker) whose registry is reached through a proxy the drills cut."""
 
+    def test_a_worker_started_while_the_registry_is_down_waits_for_it(self, proxied) -> None:
+        """Drill 16 at a worker's start: one started during an outage neither exits (a restart loop
+        under a supervisor) nor needs a restart — it says once that it waits, attaches when the
+        registry is back, and stops cleanly on SIGTERM. (It once exited 1 at once.)"""
+        d, proxy, _ = proxied
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+               "TASKSERVE_BACKBONE": str(d.root / "model"), "TASKSERVE_FORM_MODULE": str(d.root / "form"), "TASKSERVE_STORE": str(d.root / "store"),
+               "TASKSERVE_DB_URL": d.env["TASKSERVE_DB_URL"], "TASKSERVE_DEVICE": "cpu", "TASKSERVE_DTYPE": "float32",
+               "TASKSERVE_WORKER_POLL_S": "0.2", "TASKSERVE_THREADS": "1"}
+        log = d.root / "standalone-worker.log"
+        proxy.cut()
+        try:
+            with log.open("w") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+            wait(lambda: "waiting for it" in log.read_text(), "the worker says it waits", 120)
+            time.sleep(10 * SYNC_S)
+            assert proc.poll() is None, log.read_text()[-2000:]
+        finally:
+            proxy.restore()
+        try:
+            wait(lambda: " polling " in log.read_text(), "the worker attaches once the registry is back", 60)
+            assert log.read_text().count("waiting for it") == 1, log.read_text()[-2000:]
+        finally:
+            code = stop(proc)
+        assert code == 0, log.read_text()[-2000:]
+        record("worker_started_during_outage", waited_then_attached=True, waiting_logged=1, exit_code=code)
+
     def test_postgres_unreachable_loaded_tasks_answer_changes_get_503_and_it_recovers(self, proxied) -> None:
         d, proxy, direct = proxied
         other = Store(d.root / "store", direct)  # another process, on the database's own address
@@ -449,8 +477,8 @@ class TestPostgresRegistryBehindAProxy:
         d, proxy, direct = proxied
         registry = Store(d.root / "store", direct).registry  # what an operator sees, on the database's own address
         name, steps = "mid-job", scale(40, 160)
+        wait(lambda: len(children(d.proc.pid)) == 1, "one embedded worker", 15)
         workers = children(d.proc.pid)
-        assert len(workers) == 1, workers
         left = "it will be retried after its lease expires"  # the worker's log line: trained, but could not publish
         try:
             created = httpx.post(f"{d.url}/v1/tasks", json=training(name, steps), headers=d.headers, timeout=60)

@@ -58,6 +58,16 @@ def served(tmp_path_factory) -> Iterator[Deployment]:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def resident_sizes(d: Deployment) -> dict[str, int]:
+    """One task's resident bytes per method, as the server computes them (an IP task made from a
+    description holds nothing of its own: 0)."""
+    sizes = {}
+    for method in METHODS:
+        with d.engine.tasks.temporary(new_task(d, f"size-{method}", method)) as probe:
+            sizes[method] = d.engine.tasks.loaded(probe.name).nbytes
+    return sizes
+
+
 def task_of(d: Deployment, name: str) -> dict:
     return httpx.get(f"{d.url}/v1/tasks/{name}", timeout=60).json()
 
@@ -245,11 +255,12 @@ def test_cold_task_stampede_rebuilds_once(served: Deployment) -> None:
     good = [n for n in d.tasks if n.startswith("good-")]
     stampede = 64
     figures = {}
+    sizes = resident_sizes(d)
+    fillers = d.publish(per_method=math.ceil(BOUND / sum(sizes.values())) + 1, prefix="fill")  # together more than the bound
     with httpx.Client() as client:
         for cold in good:
-            others = [n for n in good if n != cold]
             predict(client, d, {"task": cold, "text": "warm"})
-            for name in others:  # more than the bound after `cold`: the LRU evicts it
+            for name in fillers:  # more than the bound after `cold`: the LRU evicts it
                 assert predict(client, d, {"task": name, "text": "evict"}).status_code == 200
             before = d.metric("taskserve_task_rebuilds_total")
 
@@ -365,10 +376,7 @@ def test_swap_then_broken_republish_keeps_the_last_good_version(served: Deployme
 # ---- drill 10: more tasks than device memory --------------------------------------------------
 def test_zipf_over_five_times_the_memory_bound(served: Deployment) -> None:
     d = served
-    sizes = {}
-    for method in METHODS:  # one task's resident bytes per method, as the server computes them
-        with d.engine.tasks.temporary(new_task(d, f"size-{method}", method)) as probe:
-            sizes[method] = d.engine.tasks.loaded(probe.name).nbytes
+    sizes = resident_sizes(d)
     good = [n for n in d.tasks if n.startswith("good-")]  # one per method already: publish the rest
     per_method = math.ceil((5 * BOUND - sum(sizes.values())) / sum(sizes.values()))
     names = good + d.publish(per_method=per_method, prefix="zipf")
