@@ -240,8 +240,7 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
             runs[name] = {"part": part, "tasks": n_tasks, "median_s": med, "rows_per_s": batch / med, "times_s": times}
             answers[name] = fn()
             print(f"  {name:22s} {batch / med:9.1f} rows/s  (median {med * 1e3:.1f} ms)", flush=True)
-        gen_plan = engine.schedule([Request("pt-gen", t) for t in texts])
-        generated = engine.execute(gen_plan).generated  # row -> new token ids
+        generated = [r.completion_tokens for r in engine.run([Request("pt-gen", t) for t in texts])]  # new tokens per row
         sched = statistics.median(timeit([lambda: engine.schedule([Request("pt-0", t) for t in texts])], 1, reps, cuda)[0])
 
     def rate(name: str) -> float:
@@ -278,7 +277,7 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
         "reps": reps,
         "tasks_per_method_in_the_mix": per_method,
         "schedule_median_s": sched,
-        "mean_generated_tokens": sum(map(len, generated.values())) / batch,
+        "mean_generated_tokens": sum(generated) / batch,
         "runs": runs,
         "ratios": ratios,
         "agreement_with_peft": agree,

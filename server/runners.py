@@ -110,7 +110,9 @@ class DecoderRunner:
             past_mask = (torch.arange(width, device=mask.device) >= width - ctx.past_len.unsqueeze(1)).long()  # [b, P]
             positions = positions + ctx.past_len.unsqueeze(1)  # a row's tokens continue after its prefix
             mask = torch.cat([past_mask, mask], dim=1)  # [b, P + t]
-        out = self._forward(ctx, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # no padding anywhere (one task, or equal lengths): HF's causal path instead of a masked one (~7% of a batch on CPU)
+        attention = None if bool(mask.all()) else mask
+        out = self._forward(ctx, inputs_embeds=embeds, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return Encoded(mask=mask, last_logits=out.logits[:, -1], cache=out.past_key_values)
 
     @staticmethod
