@@ -553,10 +553,10 @@ class TestPostgresRegistryBehindAProxy:
     def test_soak_create_delete_cycles_under_traffic_keep_rss_flat(self, proxied) -> None:
         """Create/delete cycles through the API (IP from a description, TPV sums, plain tasks; names
         reused, so each is deleted and made again) under mixed traffic; after a warm-up the server's RSS
-        grows by less than 100 MB. Bounded: 1,000 cycles or 3 minutes at full scale, whichever comes
-        first (not 10 minutes: the drills' budget)."""
+        grows by less than 100 MB. Full scale: 1,000 cycles, with the mixed traffic running for 10
+        minutes (from the first cycle; it goes on after the cycles end)."""
         d = proxied[0]
-        cycles, duration = scale(6, 1000), scale(6, 180)
+        cycles, duration = scale(6, 1000), scale(6, 600)
         tpv = next(n for n in d.tasks if "-tpv-" in n)
         bodies = [lambda n: zero_shot(n),
                   lambda n: {"name": n, "method": "tpv", "labels": ["negative", "positive"], "scoring": "sum", "init": {"combine": {tpv: 0.5}}},
@@ -568,15 +568,18 @@ class TestPostgresRegistryBehindAProxy:
         baseline = None
         done = 0
         with Traffic(d, list(d.tasks)) as traffic, httpx.Client(base_url=d.url, timeout=60, headers=d.headers) as client:
-            while (done < cycles and time.monotonic() - start < duration) or time.monotonic() - start < warm_s + 2:
-                name = f"soak-{done % 16}"
-                created = client.post("/v1/tasks", json=bodies[done % len(bodies)](name))
-                answered = client.post("/v1/predict", json={"task": name, "text": "a fine film"})
-                deleted = client.delete(f"/v1/tasks/{name}")
-                for r in (created, answered, deleted):
-                    outcomes[str(r.status_code)] = outcomes.get(str(r.status_code), 0) + 1
-                assert (created.status_code, answered.status_code, deleted.status_code) == (201, 200, 204), (created.text, answered.text, deleted.text)
-                done += 1
+            while done < cycles or time.monotonic() - start < max(duration, warm_s + 2):
+                if done < cycles:
+                    name = f"soak-{done % 16}"
+                    created = client.post("/v1/tasks", json=bodies[done % len(bodies)](name))
+                    answered = client.post("/v1/predict", json={"task": name, "text": "a fine film"})
+                    deleted = client.delete(f"/v1/tasks/{name}")
+                    for r in (created, answered, deleted):
+                        outcomes[str(r.status_code)] = outcomes.get(str(r.status_code), 0) + 1
+                    assert (created.status_code, answered.status_code, deleted.status_code) == (201, 200, 204), (created.text, answered.text, deleted.text)
+                    done += 1
+                else:  # the cycles are done; the mixed traffic goes on until `duration`
+                    time.sleep(scale(0.1, 1))
                 now = time.monotonic() - start
                 if not samples or now - samples[-1][0] >= scale(0.5, 5):
                     samples.append((now, d.rss_mb()))
@@ -589,7 +592,7 @@ class TestPostgresRegistryBehindAProxy:
         assert set(traffic.statuses) == {200}, traffic.statuses
         assert growth < 100, f"RSS grew {growth:.0f} MB after the warm-up ({baseline:.0f} -> {after[-1]:.0f} MB)"
         curve = [f"{t:.0f}s:{rss:.0f}" for t, rss in samples[:: max(1, len(samples) // 12)]]
-        record("soak", cycles=done, seconds=round(samples[-1][0]), duration_bound_s=duration, traffic_requests=sum(traffic.statuses.values()),
+        record("soak", cycles=done, seconds=round(samples[-1][0]), traffic_duration_s=duration, traffic_requests=sum(traffic.statuses.values()),
                traffic_statuses=traffic.statuses, cycle_statuses=outcomes, warmup_s=warm_s, rss_baseline_mb=round(baseline), rss_end_mb=round(after[-1]),
                rss_growth_mb=round(growth, 1), rss_peak_growth_mb=round(peak, 1), rss_curve_mb=curve)
 
