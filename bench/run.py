@@ -60,6 +60,8 @@ from server.methods import Method, method_class, method_for_peft, method_ids
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = method_for_peft("PROMPT_TUNING")  # our counterpart of PEFT's prompt tuning
+PLAIN = next(m for m in method_ids() if m not in method_ids(trainable=True))  # the backbone alone (nothing to train)
+OTHER_STATIC = next(m for m in method_ids() if method_class(m).static_prefix and m != PROMPT)  # TPV: θ_init + τ, one fixed prompt
 N_VIRTUAL = 100
 TEMPLATE = "Review: {text}\nSentiment: "
 LABELS = ("negative", "positive")  # distinct first bytes, so first-token scoring is meaningful
@@ -196,8 +198,8 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
         prompt[name] = task.params["prompt"].detach().clone()
         engine.tasks.add(task)
     engine.tasks.add(engine.tasks.new("pt-gen", PROMPT, gen_spec, init={"prompt": prompt["pt-0"]}))
-    engine.tasks.add(engine.tasks.new("plain", "plain", spec))  # the backbone alone: what a row costs without a prompt
-    engine.tasks.add(engine.tasks.new("tpv-one", "tpv", spec, seed=7))
+    engine.tasks.add(engine.tasks.new("bare", PLAIN, spec))  # the backbone alone: what a row costs without a prompt
+    engine.tasks.add(engine.tasks.new("tpv-one", OTHER_STATIC, spec, seed=7))
     methods = method_ids()
     per_method = max(1, min(8, batch // len(methods)))
     mixed_names = []
@@ -223,7 +225,7 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
         return lambda: [r.output for r in engine.run(requests)]
 
     configs: list[tuple[str, str, int, Callable[[], list[str]]]] = [("ours/1-task", "a", 1, ours(["pt-0"] * batch))]
-    configs += [("ours/plain", "a", 1, ours(["plain"] * batch)), ("ours/1-tpv-task", "a", 1, ours(["tpv-one"] * batch))]
+    configs += [("ours/plain", "a", 1, ours(["bare"] * batch)), ("ours/1-tpv-task", "a", 1, ours(["tpv-one"] * batch))]
     configs += [(f"ours/mixed-{n}", "b", n, ours(spread(batch, pt_names[:n], seed=n))) for n in n_list]
     configs.append((f"ours/all-methods-{len(mixed_names)}", "c", len(mixed_names), ours(spread(batch, mixed_names, seed=5))))
     configs.append(("hf/plain", "d", 1, hf_runner(pmodel.get_base_model(), peft_tok, prompts, label_ids, is_t5)))

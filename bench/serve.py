@@ -36,10 +36,11 @@ from pathlib import Path
 import httpx
 
 from bench.run import device_name
-from server.methods import method_for_peft
+from server.methods import method_for_peft, method_ids
 
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"
+PLAIN = next(m for m in method_ids() if m not in method_ids(trainable=True))  # the backbone alone: the reference row
 REVIEWS = [
     "The film was a quiet and moving story, but its plot felt thin and the ending dragged on.",
     "A wonderful cast gives warm, sharp performances in a script that never quite finds its voice.",
@@ -191,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             by_method.setdefault(method, name)
         one = by_method[method_for_peft("PROMPT_TUNING")]
         reference = httpx.get(f"{url}/v1/tasks/{one}").json()["spec"]
-        plain = httpx.post(f"{url}/v1/tasks", json={"name": "bench-plain", "method": "plain", "description": reference["description"],
+        plain = httpx.post(f"{url}/v1/tasks", json={"name": "bench-plain", "method": PLAIN, "description": reference["description"],
                                                     "labels": reference["labels"], "template": reference["template"]})
         plain.raise_for_status()
-        by_method["plain"] = "bench-plain"
+        by_method[PLAIN] = "bench-plain"
         engine, alone = engine_alone(args.dtype, store, by_method, args.requests)
         import torch
 
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| method | HTTP p50 ms | HTTP p99 ms | engine alone p50 ms | HTTP / engine | over plain (HTTP) | over plain (engine) | engine, 1 thread p50 ms | 1 / {engine_threads} threads |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m, v in lat.items():
-        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x | {v['p50'] / lat['plain']['p50']:.2f}x "
-              f"| {v['engine_p50'] / lat['plain']['engine_p50']:.2f}x | {v['engine_1_thread_p50']:.0f} | {v['engine_1_thread_p50'] / v['engine_p50']:.2f}x |")
+        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x | {v['p50'] / lat[PLAIN]['p50']:.2f}x "
+              f"| {v['engine_p50'] / lat[PLAIN]['engine_p50']:.2f}x | {v['engine_1_thread_p50']:.0f} | {v['engine_1_thread_p50'] / v['engine_p50']:.2f}x |")
     print("\n| concurrency | mixed rows/s | one-task rows/s | mixed / one | mixed p99 ms | one p99 ms |\n|---:|---:|---:|---:|---:|---:|")
     for c in (1, 8, 32):
         mixed, single = summary["throughput_rows_s"][f"mixed@{c}"], summary["throughput_rows_s"][f"one@{c}"]
