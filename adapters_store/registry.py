@@ -21,7 +21,6 @@ from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-from sqlalchemy.pool import NullPool
 
 from server.errors import Conflict, NotFound, Overloaded, Unavailable
 from server.task import check_task_name
@@ -98,11 +97,7 @@ def _key(value: str, what: str) -> str:
 
 class Registry:
     def __init__(self, url: str) -> None:
-        # SQLite: a connection per session (NullPool). SQLite opens a file it cannot write read-only,
-        # silently, and such a connection kept in a pool stays read-only after the file is writable
-        # again ("attempt to write a readonly database" after a read-only spell); opening is cheap.
-        pooling = {"poolclass": NullPool} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        self.engine = create_engine(url, future=True, **pooling)
+        self.engine = create_engine(url, future=True, pool_pre_ping=True)
         self.where = self.engine.url.render_as_string(hide_password=True)
         event.listen(self.engine, "handle_error", self._unavailable)
         if self.engine.dialect.name == "sqlite":

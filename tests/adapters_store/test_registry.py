@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,27 +63,3 @@ def test_job_lifecycle(registry: Registry) -> None:
         registry.update_job(job["id"], status="exploded")
     with pytest.raises(NotFound):
         registry.get_job("missing")
-
-
-def _chattr(flag: str, files: list[Path]) -> bool:
-    done = subprocess.run(["chattr", flag, *[str(f) for f in files if f.exists()]], capture_output=True)
-    return done.returncode == 0
-
-
-def test_a_sqlite_registry_writes_again_once_its_file_is_writable(tmp_path: Path) -> None:
-    """SQLite opens a file it cannot write read-only, silently; a pooled connection opened during a
-    read-only spell stayed read-only afterwards ("attempt to write a readonly database" for good —
-    seen in the read-only SQLite drill). Each session opens its own connection now."""
-    db = tmp_path / "registry.db"
-    registry = Registry(f"sqlite:///{db}")
-    registry.reserve("before", "plain")
-    files = [db, db.with_name("registry.db-wal"), db.with_name("registry.db-shm")]
-    if not _chattr("+i", files):
-        pytest.skip("chattr +i needs root and a filesystem with inode flags")
-    try:
-        registry.engine.dispose()  # no connection left from before: the next one opens read-only
-        assert [t["name"] for t in registry.list_tasks()] == ["before"]  # reads go on
-    finally:
-        _chattr("-i", files)
-    registry.reserve("after", "plain")
-    assert [t["name"] for t in registry.list_tasks()] == ["after", "before"]
