@@ -157,9 +157,7 @@ class Registry:
             return sorted(s.scalars(select(VersionRow.version).where(VersionRow.task == name)).all())
 
     def next_version(self, name: str) -> int:
-        with self._session() as s:
-            versions = s.scalars(select(VersionRow.version).where(VersionRow.task == name)).all()
-            return max(versions, default=0) + 1
+        return max(self.versions(name), default=0) + 1
 
     def reserve(self, name: str, method: str) -> None:
         """Claim a new task name (status pending); 409 if it is taken. A name whose only trace is a

@@ -68,9 +68,9 @@ class TaskTable(Mapping[str, Task]):
         self.rebuilds = 0
         """Device copies built again for a batch because theirs was evicted (or swapped out) since."""
         self.evictions = 0
+        """Device copies dropped to keep resident bytes under `memory_bytes`."""
         self.fallbacks_tried: set[tuple[str, int]] = set()
         """(task, failed newest version) pairs the store sync has fallen back from (store_sync._fall_back)."""
-        """Device copies dropped to keep resident bytes under `memory_bytes`."""
         self._lock = threading.RLock()
         self.vocab = Vocabulary(backbone.embedding.weight, lambda text: list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"]))
         """What methods may use of the vocabulary when they make a task."""
