@@ -104,6 +104,7 @@ class Registry:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._was_read_only = False  # `read_only` saw the SQLite file unwritable: connections opened then are read-only
 
     def close(self) -> None:
         self.engine.dispose()
@@ -131,7 +132,11 @@ class Registry:
         path = Path(database)
         for item in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
             if item.exists() and not os.access(item, os.W_OK):
+                self._was_read_only = True
                 return f"the registry ({self.where}) is read-only: {item.name} cannot be written, every change would fail"
+        if self._was_read_only:  # SQLite opened connections of that spell read-only, for good: drop them
+            self._was_read_only = False
+            self.engine.dispose()
         return None
 
     # ---- tasks and versions ----------------------------------------------------------------

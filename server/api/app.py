@@ -209,6 +209,7 @@ async def _poll(state: AppState) -> None:
         await asyncio.sleep(state.settings.sync_interval_s)
         try:
             await require_registry(state)  # Unavailable while it is down, as the registry routes answer
+            state.store.registry.read_only()  # a SQLite file writable again: its read-only connections are dropped
             report = None
             while report is None:  # the registry is read off the engine thread: one that hangs never stalls a batch
                 mark = state.changes
