@@ -7,7 +7,8 @@ What is measured (all in ONE process, same backbone weights, dtype, device and i
   (b) ours, the same B rows spread over N = 8 / 32 / 128 such tasks (capped at B), rows shuffled
       so tasks interleave — one forward for the whole batch;
   (c) ours, the B rows spread over tasks of every registered method (rows of methods that read
-      the task description also carry it, as the method prescribes);
+      the task description also carry it, as the method prescribes), in one pass and as the
+      server runs them (`run_each`: split into passes by length where that saves compute);
   (d) HF PEFT as users serve prompt tuning today: one PeftModel holding N PromptTuningConfig
       adapters (num_virtual_tokens=100), requests grouped per task, `set_adapter(name)` and one
       padded forward per group (left padding on decoder-only), label = argmax of the two label tokens' last-position logits
@@ -220,14 +221,18 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
     pmodel.eval()
     peft_tok = ByT5Tokenizer(padding_side="right" if is_t5 else "left")
 
-    def ours(row_task: list[str]) -> Callable[[], list[str]]:
+    def ours(row_task: list[str], passes: bool = False) -> Callable[[], list[str]]:
+        """`passes`: the server's path (`run_each`), which may split the batch into passes by length."""
         requests = [Request(task, text) for task, text in zip(row_task, texts)]
+        if passes:
+            return lambda: [r.output for r in engine.run_each(requests)]
         return lambda: [r.output for r in engine.run(requests)]
 
     configs: list[tuple[str, str, int, Callable[[], list[str]]]] = [("ours/1-task", "a", 1, ours(["pt-0"] * batch))]
     configs += [("ours/plain", "a", 1, ours(["bare"] * batch)), ("ours/1-tpv-task", "a", 1, ours(["tpv-one"] * batch))]
     configs += [(f"ours/mixed-{n}", "b", n, ours(spread(batch, pt_names[:n], seed=n))) for n in n_list]
     configs.append((f"ours/all-methods-{len(mixed_names)}", "c", len(mixed_names), ours(spread(batch, mixed_names, seed=5))))
+    configs.append((f"ours/all-methods-{len(mixed_names)}-passes", "c", len(mixed_names), ours(spread(batch, mixed_names, seed=5), passes=True)))
     configs.append(("hf/plain", "d", 1, hf_runner(pmodel.get_base_model(), peft_tok, prompts, label_ids, is_t5)))
     configs.append(("peft/1-adapter", "d", 1, peft_runner(pmodel, peft_tok, prompts, ["pt-0"] * batch, label_ids, is_t5)))
     configs += [(f"peft/grouped-{n}", "d", n, peft_runner(pmodel, peft_tok, prompts, spread(batch, pt_names[:n], seed=n), label_ids, is_t5)) for n in n_list]
@@ -256,6 +261,7 @@ def run_shape(shape: str, device: str, batch: int, length: int, warmup: int, rep
         ratios[f"ours-mixed-{n} / ours-1-task"] = rate(f"ours/mixed-{n}") / rate("ours/1-task")
         ratios[f"ours-mixed-{n} / peft-grouped-{n}"] = rate(f"ours/mixed-{n}") / rate(f"peft/grouped-{n}")
     ratios[f"ours-all-methods-{len(mixed_names)} / ours-1-task"] = rate(f"ours/all-methods-{len(mixed_names)}") / rate("ours/1-task")
+    ratios["all-methods passes by length / one pass"] = rate(f"ours/all-methods-{len(mixed_names)}-passes") / rate(f"ours/all-methods-{len(mixed_names)}")
     ratios["classify / generate-4"] = rate("ours/1-task") / rate("ours/generate-4")
 
     agree = {"peft/1-adapter": _agree(answers["ours/1-task"], answers["peft/1-adapter"]), "hf/plain": _agree(answers["ours/plain"], answers["hf/plain"])}

@@ -1,4 +1,5 @@
-"""The engine: one frozen backbone, many tasks, ONE forward per mixed-task batch.
+"""The engine: one frozen backbone, many tasks, ONE forward per mixed-task batch (a served batch
+whose rows run at very different lengths may be split into passes by length: `passes`).
 
 Three verbs (house style 4):
 - `schedule(requests)`: look up each row's task (the version it will be served with) and method,
@@ -42,6 +43,7 @@ from server.decoding import GREEDY, Decoding, Generated, Sampling, TokenEvent
 from server.errors import Incompatible, InputTooLong, InvalidRequest, NonFinite, TaskservError
 from server.hooks import ContextHooks
 from server.methods import BackboneDims, Method, RowGroup, method_class
+from server.passes import split_by_length
 from server.runners import DecoderRunner, Encoded, FormRequest, Seq2SeqRunner, pad_ids
 from server.task import Example, Request, Task
 from server.task_table import LoadedTask, ModuleKey, TaskTable
@@ -65,10 +67,17 @@ class EngineConfig:
     cache_prefixes: bool = True
     """On a decoder-only backbone, compute a static soft prompt's keys/values once per task version
     (prompt tuning, TPV): a request then costs what its own tokens cost."""
+    pass_overhead_tokens: int | None = None
+    """What one more first pass costs, in token positions, when a batch whose rows run at very
+    different lengths (ATTEMPT's 100-position instance prompt beside rows whose prompt is cached) is
+    split into passes by length (`server.passes`): it splits where the padding saved pays for the
+    extra passes. None: by device — 32 on CPU (docs/performance.md), 4096 elsewhere (not measured:
+    a GPU pass's fixed cost dwarfs its positions)."""
 
     def __post_init__(self) -> None:
         for name in ("max_input_tokens", "max_new_tokens", "length_multiple"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
+        require(self.pass_overhead_tokens is None or self.pass_overhead_tokens >= 0, "pass_overhead_tokens", "must be >= 0 or None")
         require(self.task_memory_bytes is None or self.task_memory_bytes >= 0, "task_memory_bytes", "must be >= 0 or None")
 
 
@@ -154,29 +163,34 @@ class Output:
 
 
 class Running:
-    """A scheduled batch whose generative rows are still decoding. `advance()` generates one more
-    token for each (under no_grad) and returns the finished rows' results by request index —
-    so a caller can run other batches between two tokens (iteration-level scheduling)."""
+    """A scheduled batch — one or more first passes — whose generative rows are still decoding.
+    `advance()` generates one more token for each (under no_grad) and returns the finished rows'
+    results by request index — so a caller can run other batches between two tokens
+    (iteration-level scheduling)."""
 
-    def __init__(self, engine: Engine, plan: Plan, out: Output, index: list[int]) -> None:
-        self.engine, self.plan, self.out, self.index = engine, plan, out, index
+    def __init__(self, engine: Engine, passes: list[tuple[Plan, Output, list[int]]]) -> None:
+        """`passes`: each pass's plan, output, and request index of each of its rows."""
+        self.engine, self.passes = engine, passes
 
     @property
     def done(self) -> bool:
-        return self.out.decoding is None or self.out.decoding.done
+        return all(out.decoding is None or out.decoding.done for _, out, _ in self.passes)
 
     def finished(self) -> dict[int, Result | TaskservError]:
         """The results ready before any decoding step: classification rows."""
-        return {self.index[row]: self._result(row) for row in self.out.label_scores}
+        return {index[row]: self._result(plan, out, row) for plan, out, index in self.passes for row in out.label_scores}
 
     @torch.no_grad()
     def advance(self) -> dict[int, Result | TaskservError]:
-        rows = self.out.decoding.advance()
-        return {self.index[self.out.gen_rows[i]]: self._result(self.out.gen_rows[i]) for i in rows}
+        finished = {}
+        for plan, out, index in self.passes:
+            if out.decoding is not None and not out.decoding.done:
+                finished.update({index[out.gen_rows[i]]: self._result(plan, out, out.gen_rows[i]) for i in out.decoding.advance()})
+        return finished
 
-    def _result(self, row: int) -> Result | TaskservError:
+    def _result(self, plan: Plan, out: Output, row: int) -> Result | TaskservError:
         try:
-            return self.engine.result(self.plan, self.out, row)
+            return self.engine.result(plan, out, row)
         except TaskservError as exc:  # this row's own failure (e.g. NaN scores): its batch-mates are unaffected
             return exc
 
@@ -220,6 +234,8 @@ class Engine:
         self.backbone, self.config, self.offload = backbone, config or EngineConfig(), offload
         self.rows_by_backend = {"native": 0, **({offload.name: 0} if offload is not None else {})}
         """Rows run since start by where they ran (served rows; training passes not counted)."""
+        self.split_batches = 0
+        """Served batches run as more than one first pass (`passes`)."""
         if offload is not None and backbone.is_encoder_decoder:
             raise Incompatible("an embeddings engine (vLLM) serves decoder-only backbones; this backbone is encoder-decoder")
         self.dims = backbone_dims(backbone, form)
@@ -244,14 +260,15 @@ class Engine:
 
     # ---- schedule → execute → complete -----------------------------------------------------
     def run(self, requests: list[Request]) -> list[Result]:
-        """Every row on this engine (never handed to `offload`): the reference the other backend is
-        measured against; a row that cannot be served raises."""
+        """Every row on this engine (never handed to `offload`) in ONE pass: the reference the other
+        backend and the split passes of `run_each` are measured against; a row that cannot be served raises."""
         plan = self.schedule(requests)
         return self.complete(plan, self.execute(plan))
 
     def run_each(self, requests: list[Request]) -> list[Result | TaskservError]:
         """`run`, where a row that cannot be scheduled (unknown task, too long, ...) gets its error
-        in its place while the other rows still run together — what a server's batch needs."""
+        in its place while the other rows still run together, in passes by length — what a server's
+        batch needs."""
         outcomes, running = self.start_each(requests)
         while running is not None and not running.done:
             outcomes.update(running.advance())
@@ -274,9 +291,27 @@ class Engine:
         if not plan.tasks:
             return outcomes, None
         self.rows_by_backend["native"] += len(plan.tasks)
-        running = Running(self, plan, self.start(plan), index)
+        passes = self.passes(plan)
+        if len(passes) > 1:
+            self.split_batches += 1
+        subs = [(plan, index)] if len(passes) == 1 else [(plan.subset(rows), [index[r] for r in rows]) for rows in passes]
+        running = Running(self, [(sub, self.start(sub), sub_index) for sub, sub_index in subs])
         outcomes.update(running.finished())
         return outcomes, None if running.done else running
+
+    def passes(self, plan: Plan) -> list[list[int]]:
+        """The plan's rows split into first passes by the length each really runs at — its tokens
+        plus the positions its method puts before them (none for a prompt whose keys/values are
+        cached) — where the padding saved pays for the extra passes (`server.passes`)."""
+        method = {r: group.method for group in plan.groups.values() for r in group.rows}
+        cached = self.tasks.prefix_cache is not None
+        lengths = [len(ids) + (0 if cached and method[r].static_prefix else method[r].prefix_positions(task))
+                   for r, (ids, task) in enumerate(zip(plan.prompt_ids, plan.tasks))]
+        steps = [0 if task.spec.is_classification else plan.max_new[r] for r, task in enumerate(plan.tasks)]
+        overhead = self.config.pass_overhead_tokens
+        if overhead is None:
+            overhead = 32 if self.backbone.device.type == "cpu" else 4096
+        return split_by_length(lengths, steps, overhead)
 
     def check(self, requests: list[Request]) -> None:
         """Raise what `schedule` would raise for these rows, without planning them."""

@@ -35,7 +35,7 @@ def build_engine(settings: Settings, *, training: bool = False) -> Engine:
         form = load_form_module(assets.resolve_form_module(settings.form_module, settings.cache_dir), device=device)
     memory = int(settings.task_memory_mb * 2**20) if settings.task_memory_mb and not training else None
     offload = None if training or settings.backend == "native" else _vllm_engine(settings, backbone)
-    engine = Engine(backbone, form, config=EngineConfig(max_input_tokens=settings.max_input_tokens, task_memory_bytes=memory), offload=offload)
+    engine = Engine(backbone, form, config=EngineConfig(max_input_tokens=settings.max_input_tokens, task_memory_bytes=memory, pass_overhead_tokens=settings.pass_overhead_tokens), offload=offload)
     log.info(
         "backbone %s (%s, d=%d, %d layers, fingerprint %s) on %s/%s, torch threads %d (interop %d, OMP_NUM_THREADS=%s); methods %s",
         settings.backbone, backbone.kind, backbone.d_model, backbone.n_layers, backbone.fingerprint,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -137,6 +138,9 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(default=1024, ge=1)
     """Longest rendered input in tokens (413 past it)."""
 
+    pass_overhead_tokens: int | None = Field(default=None, ge=0)
+    """What one more forward pass costs, in token positions, when a batch whose rows run at very different lengths is split into passes by length (e.g. ATTEMPT rows beside rows with a cached prompt); default: 32 on CPU, 4096 on a GPU. 0 = split wherever padding is saved."""
+
     sync_interval_s: float = Field(default=1.0, gt=0)
     """How often the server re-reads the registry to hot-load published, updated and deleted tasks."""
 
@@ -185,11 +189,13 @@ class Settings(BaseSettings):
     def plugin_modules(self) -> list[str]:
         return [name.strip() for name in self.plugins.split(",") if name.strip()]
 
-    @field_validator("db_url", "api_key", "seed_store", "threads", "vllm_max_model_len", "vllm_kv_cache_gb", "vllm_enforce_eager", "vllm_cpu_threads", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        """`TASKSERVE_DB_URL=` (e.g. from a compose default) means "not set", not an empty URL."""
-        return None if isinstance(value, str) and not value.strip() else value
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        """For every optional setting, `TASKSERVE_DB_URL=` (e.g. from a compose default, or the
+        worker's environment made by `settings_env`) means "not set", not an empty URL."""
+        optional = type(None) in typing.get_args(cls.model_fields[info.field_name].annotation)
+        return None if optional and isinstance(value, str) and not value.strip() else value
 
     @field_validator("device")
     @classmethod

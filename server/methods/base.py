@@ -124,6 +124,12 @@ class Method(nn.Module):
     def static(self, task: Task) -> dict[str, Tensor]:
         return {}
 
+    def prefix_positions(self, task: Task) -> int:
+        """How many positions a row of this task gets before its tokens in the first pass (a soft
+        prompt's length; none for hidden-state methods). The engine splits a batch into passes by
+        the length rows really run at; a `static_prefix` whose keys/values are cached adds none."""
+        return 0
+
     def modulate(self, group: RowGroup, ctx: BatchContext) -> None:
         pass
 

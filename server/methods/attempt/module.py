@@ -60,6 +60,9 @@ class Attempt(Method):
     def static(self, task: Task) -> dict[str, Tensor]:
         return {"target": task.params["target"]}  # [m, d]
 
+    def prefix_positions(self, task: Task) -> int:
+        return task.params["target"].shape[0]
+
     def attention(self, x_pooled: Tensor, targets: Tensor) -> Tensor:
         """x_pooled [g, d], targets [g, m, d] -> a [g, t+1] (eq 3; the last column is P_target)."""
         h_up = self.norm(self.up(nn.functional.silu(self.down(x_pooled))))  # [g, d]

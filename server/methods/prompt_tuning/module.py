@@ -49,6 +49,9 @@ class PromptTuning(Method):
     def static(self, task: Task) -> dict[str, Tensor]:
         return {"prompt": task.params["prompt"]}  # [m, d]
 
+    def prefix_positions(self, task: Task) -> int:
+        return task.params["prompt"].shape[0]
+
     def fixed_prompt(self, task: Task) -> Tensor:
         return task.params["prompt"].detach()  # [m, d]
 

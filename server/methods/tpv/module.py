@@ -149,6 +149,9 @@ class TaskPromptVectors(Method):
     def static(self, task: Task) -> dict[str, Tensor]:
         return {"prompt": self.theta_init(task.meta["origin"]) + task.params["tau"]}  # [m, d]
 
+    def prefix_positions(self, task: Task) -> int:
+        return self.theta_init(task.meta["origin"]).shape[0]
+
     def fixed_prompt(self, task: Task) -> Tensor:
         """θ_init + τ: a TPV task is one fixed prompt once its vector is applied."""
         return self.static(task)["prompt"].detach()

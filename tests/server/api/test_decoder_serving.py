@@ -161,4 +161,5 @@ def test_cli_creates_a_task_from_a_file_and_follows_its_job(deployment, tmp_path
     assert f"job {job_id} succeeded" in capsys.readouterr().out
     assert main(["jobs", "list", "--url", url]) == 0
     assert job_id in capsys.readouterr().out
+    wait_served(url, ["from-file"])  # published is not yet hot-loaded: the server picks it up at its next sync
     assert httpx.post(f"{url}/v1/predict", json={"task": "from-file", "text": "aaaa film"}).status_code == 200

@@ -1,0 +1,74 @@
+"""What one more forward pass costs, in token positions: the constant behind `pass_overhead_tokens`.
+
+Times the engine's first pass (plain rows, 2-label rank classification, first-token scoring) at
+several batch sizes B and lengths L on a backbone with random weights at the real shape, fits
+time ≈ a + b · B · L by least squares over the medians, and reports a / b: the positions whose
+compute equals a pass's fixed cost — what splitting a batch by length must save to pay for a pass.
+Then the decision it drives, side by side: a batch of short rows with a few long ones (ATTEMPT's
+100-position instance prompt) in one pass vs split by length.
+
+    python -m bench.pass_cost [--device cpu|cuda] [--dtype float32|bfloat16] [--shape smollm2|t5-base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from bench.run import PLAIN, RESULTS, ByteTokenizer, build, device_name, make_texts, timeit
+from server.backbone import Backbone
+from server.data.spec import TaskSpec
+from server.engine import Engine, EngineConfig, Request, default_methods
+
+GRID = [(1, 8), (1, 64), (4, 16), (4, 64), (8, 32), (16, 16), (16, 64), (32, 32)]  # (B, L)
+SPEC = TaskSpec(template="{text}", labels=("negative", "positive"), scoring="first")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--shape", choices=("smollm2", "t5-base"), default="smollm2")
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args(argv)
+    cuda, dtype = args.device == "cuda", getattr(torch, args.dtype)
+    model, form = build(args.shape, args.device, dtype)
+    backbone = Backbone.from_model(model, ByteTokenizer())
+    engine = Engine(backbone, form, default_methods(backbone, form), EngineConfig(pass_overhead_tokens=0))  # run_each splits wherever padding is saved
+    engine.tasks.add(engine.tasks.new("bare", PLAIN, SPEC))
+
+    def rows(b: int, length: int) -> list[Request]:
+        return [Request("bare", t) for t in make_texts(b, length, seed=length)]  # byte tokenizer: `length` tokens
+
+    with torch.inference_mode():
+        times = timeit([lambda b=b, n=n: engine.run(rows(b, n)) for b, n in GRID], 2, args.reps, cuda)
+        medians = [statistics.median(t) for t in times]
+        x = torch.tensor([[1.0, b * n] for b, n in GRID], dtype=torch.float64)
+        a, slope = torch.linalg.lstsq(x, torch.tensor(medians, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1).tolist()
+        # the decision: 28 short rows (32 tokens) + 4 rows 100 positions longer, one pass vs split
+        mixed = rows(28, 32) + rows(4, 132)
+        one, two = (statistics.median(t) for t in timeit([lambda: engine.run(mixed), lambda: engine.run_each(mixed)], 2, args.reps, cuda))
+    res = {
+        "shape": args.shape, "device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
+        "grid": [{"batch": b, "length": n, "median_s": m, "times_s": t} for (b, n), m, t in zip(GRID, medians, times)],
+        "fit": {"pass_s": a, "per_position_s": slope, "pass_overhead_positions": a / slope},
+        "mixed_28x32_4x132": {"one_pass_s": one, "split_s": two, "one_pass_over_split": one / two, "passes": len(engine.passes(engine.schedule(mixed)))},
+        "torch": torch.__version__, "reps": args.reps,
+    }
+    print(f"{args.shape} on {res['device_name']} ({args.dtype})")
+    for (b, n), m in zip(GRID, medians):
+        print(f"  B={b:3d} L={n:3d}  {m * 1e3:8.1f} ms  (fit {(a + slope * b * n) * 1e3:8.1f})")
+    print(f"  fit: a pass {a * 1e3:.1f} ms + {slope * 1e6:.1f} µs per position -> one pass costs {a / slope:.0f} positions")
+    print(f"  28 rows of 32 + 4 rows of 132 tokens: one pass {one * 1e3:.1f} ms, split by length {two * 1e3:.1f} ms -> {one / two:.2f}x")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"pass-cost-{args.shape}-{args.device}-{args.dtype}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
