@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from bench.run import PLAIN, RESULTS, ByteTokenizer, build, device_name, make_texts, timeit
+from bench.run import LABELS, PLAIN, RESULTS, TEMPLATE, ByteTokenizer, build, device_name, make_texts, timeit
 from server.backbone import Backbone
 from server.data.spec import TaskSpec
 from server.engine import Engine, EngineConfig, Request, default_methods
 
 GRID = [(1, 8), (1, 64), (4, 16), (4, 64), (8, 32), (16, 16), (16, 64), (32, 32)]  # (B, L)
-SPEC = TaskSpec(template="{text}", labels=("negative", "positive"), scoring="first")
+SPEC = TaskSpec(template=TEMPLATE, labels=LABELS, scoring="first")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,23 +47,24 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         times = timeit([lambda b=b, n=n: engine.run(rows(b, n)) for b, n in GRID], 2, args.reps, cuda)
         medians = [statistics.median(t) for t in times]
-        x = torch.tensor([[1.0, b * n] for b, n in GRID], dtype=torch.float64)
+        positions = [b * max(map(len, engine.schedule(rows(b, n)).prompt_ids)) for b, n in GRID]  # the template's tokens included
+        x = torch.tensor([[1.0, p] for p in positions], dtype=torch.float64)
         a, slope = torch.linalg.lstsq(x, torch.tensor(medians, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1).tolist()
-        # the decision: 28 short rows (32 tokens) + 4 rows 100 positions longer, one pass vs split
+        # the decision: 28 short rows + 4 rows 100 positions longer, one pass vs split
         mixed = rows(28, 32) + rows(4, 132)
         one, two = (statistics.median(t) for t in timeit([lambda: engine.run(mixed), lambda: engine.run_each(mixed)], 2, args.reps, cuda))
     res = {
         "shape": args.shape, "device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
-        "grid": [{"batch": b, "length": n, "median_s": m, "times_s": t} for (b, n), m, t in zip(GRID, medians, times)],
+        "grid": [{"batch": b, "text_tokens": n, "positions": p, "median_s": m, "times_s": t} for (b, n), p, m, t in zip(GRID, positions, medians, times)],
         "fit": {"pass_s": a, "per_position_s": slope, "pass_overhead_positions": a / slope},
-        "mixed_28x32_4x132": {"one_pass_s": one, "split_s": two, "one_pass_over_split": one / two, "passes": len(engine.passes(engine.schedule(mixed)))},
+        "mixed_28_short_4_long": {"one_pass_s": one, "split_s": two, "one_pass_over_split": one / two, "passes": len(engine.passes(engine.schedule(mixed)))},
         "torch": torch.__version__, "reps": args.reps,
     }
     print(f"{args.shape} on {res['device_name']} ({args.dtype})")
-    for (b, n), m in zip(GRID, medians):
-        print(f"  B={b:3d} L={n:3d}  {m * 1e3:8.1f} ms  (fit {(a + slope * b * n) * 1e3:8.1f})")
+    for (b, n), m, p in zip(GRID, medians, positions):
+        print(f"  B={b:3d} L={n:3d}  {m * 1e3:8.1f} ms  (fit {(a + slope * p) * 1e3:8.1f})")
     print(f"  fit: a pass {a * 1e3:.1f} ms + {slope * 1e6:.1f} µs per position -> one pass costs {a / slope:.0f} positions")
-    print(f"  28 rows of 32 + 4 rows of 132 tokens: one pass {one * 1e3:.1f} ms, split by length {two * 1e3:.1f} ms -> {one / two:.2f}x")
+    print(f"  28 rows of 32 + 4 rows of 132 text tokens: one pass {one * 1e3:.1f} ms, split by length {two * 1e3:.1f} ms -> {one / two:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"pass-cost-{args.shape}-{args.device}-{args.dtype}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")

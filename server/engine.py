@@ -71,8 +71,8 @@ class EngineConfig:
     """What one more first pass costs, in token positions, when a batch whose rows run at very
     different lengths (ATTEMPT's 100-position instance prompt beside rows whose prompt is cached) is
     split into passes by length (`server.passes`): it splits where the padding saved pays for the
-    extra passes. None: by device — 32 on CPU (docs/performance.md), 4096 elsewhere (not measured:
-    a GPU pass's fixed cost dwarfs its positions)."""
+    extra passes. None: by device — 50 on CPU (measured by `python -m bench.pass_cost`), 4096
+    elsewhere (not measured: a GPU pass's fixed cost dwarfs its positions)."""
 
     def __post_init__(self) -> None:
         for name in ("max_input_tokens", "max_new_tokens", "length_multiple"):
@@ -310,7 +310,7 @@ class Engine:
         steps = [0 if task.spec.is_classification else plan.max_new[r] for r, task in enumerate(plan.tasks)]
         overhead = self.config.pass_overhead_tokens
         if overhead is None:
-            overhead = 32 if self.backbone.device.type == "cpu" else 4096
+            overhead = 50 if self.backbone.device.type == "cpu" else 4096
         return split_by_length(lengths, steps, overhead)
 
     def check(self, requests: list[Request]) -> None:

@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     """Longest rendered input in tokens (413 past it)."""
 
     pass_overhead_tokens: int | None = Field(default=None, ge=0)
-    """What one more forward pass costs, in token positions, when a batch whose rows run at very different lengths is split into passes by length (e.g. ATTEMPT rows beside rows with a cached prompt); default: 32 on CPU, 4096 on a GPU. 0 = split wherever padding is saved."""
+    """What one more forward pass costs, in token positions, when a batch whose rows run at very different lengths is split into passes by length (e.g. ATTEMPT rows beside rows with a cached prompt); default: 50 on CPU (measured), 4096 on a GPU. 0 = split wherever padding is saved."""
 
     sync_interval_s: float = Field(default=1.0, gt=0)
     """How often the server re-reads the registry to hot-load published, updated and deleted tasks."""

@@ -30,6 +30,7 @@ class Metrics:
         self.queue_depth = Gauge("taskserve_queue_depth", "Rows waiting for a batch", registry=self.registry)
         self.jobs = Gauge("taskserve_jobs", "Training jobs in the registry by state (as of the last store sync)", ["state"], registry=self.registry)
         self.backend_rows = Gauge("taskserve_backend_rows", "Rows the engine has run since start, by backend (native; vllm)", ["backend"], registry=self.registry)
+        self.split_batches = Gauge("taskserve_split_batches", "Batches the engine has run since start as more than one pass (rows split by the length they run at)", registry=self.registry)
 
     def watch(self, table: TaskTable) -> None:
         """Export the task table's residency counters (read at each scrape)."""

@@ -46,6 +46,7 @@ async def metrics(state: State) -> Response:
     state.metrics.task_memory.set(state.engine.tasks.resident_bytes)
     for backend, rows in state.engine.rows_by_backend.items():
         state.metrics.backend_rows.labels(backend).set(rows)
+    state.metrics.split_batches.set(state.engine.split_batches)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -223,6 +223,43 @@ def test_200_concurrent_requests_over_all_five_methods_equal_solo(server) -> Non
     assert len({a["task"] for a in answers}) == 10
 
 
+def test_a_batch_of_long_and_short_rows_runs_as_two_passes_answering_as_alone(server) -> None:
+    """ATTEMPT rows carry 100 prompt positions on T5, PHA rows none: one request mixing them runs as
+    two passes (`taskserve_split_batches` counts it), and every row answers as it does alone."""
+    import torch
+
+    url, store_root, other = server
+    writer = Store(store_root)
+    attach(writer, other)
+    for method in ("attempt", "pha"):
+        task = other.tasks.new(f"split-{method}", method, SPEC, seed=3)
+        with torch.no_grad():
+            for p in task.params.values():
+                p.add_(torch.randn_like(p) * 0.5)
+        writer.publish(task, other.backbone.fingerprint)
+    writer.close()
+    deadline = time.monotonic() + 5
+    while not all(t["served"] for t in httpx.get(f"{url}/v1/tasks").json()["tasks"] if t["name"].startswith("split-")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rows = [{"task": name, "text": f"good film {i}"} for i, name in enumerate(["split-attempt", "split-pha"] * 4)]
+    before = _gauge(url, "taskserve_split_batches")
+    together = httpx.post(f"{url}/v1/predict", json={"inputs": rows, "options": {"return_scores": True}}).json()["results"]
+    assert _gauge(url, "taskserve_split_batches") == before + 1
+    for row, got in zip(rows, together, strict=True):
+        alone = httpx.post(f"{url}/v1/predict", json={**row, "options": {"return_scores": True}}).json()
+        assert got["label"] == alone["label"]
+        for label, p in alone["scores"].items():
+            assert got["scores"][label] == pytest.approx(p, abs=1e-5)
+
+
+def _gauge(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
 def _batches_run(url: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith("taskserve_batch_rows_count"):
