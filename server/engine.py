@@ -304,8 +304,7 @@ class Engine:
         plus the positions its method puts before them (none for a prompt whose keys/values are
         cached) — where the padding saved pays for the extra passes (`server.passes`)."""
         method = {r: group.method for group in plan.groups.values() for r in group.rows}
-        cached = self.tasks.prefix_cache is not None
-        lengths = [len(ids) + (0 if cached and method[r].static_prefix else method[r].prefix_positions(task))
+        lengths = [len(ids) + (0 if self.tasks.caches_prefix(method[r]) else method[r].prefix_positions(task))
                    for r, (ids, task) in enumerate(zip(plan.prompt_ids, plan.tasks))]
         steps = [0 if task.spec.is_classification else plan.max_new[r] for r, task in enumerate(plan.tasks)]
         overhead = self.config.pass_overhead_tokens

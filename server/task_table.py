@@ -226,6 +226,11 @@ class TaskTable(Mapping[str, Task]):
             names = [n for n, t in self._tasks.items() if (t.method, t.module_version) == key]
         return [self.loaded(n).task for n in names]
 
+    def caches_prefix(self, method: Method) -> bool:
+        """Whether this method's tasks get their static prompt's keys/values computed once per
+        version (a causal backbone, a `static_prefix` method): their rows then run at their token length."""
+        return self.prefix_cache is not None and method.static_prefix
+
     def _build(self, task: Task, method: Method, host: Task | None = None) -> LoadedTask:
         device = self.backbone.device
         device_task = _with_params(task, device)
@@ -238,7 +243,7 @@ class TaskTable(Mapping[str, Task]):
             static = {k: v.detach() for k, v in method.static(device_task).items()}
             if not all(bool(torch.isfinite(v).all()) for v in static.values()):
                 raise NonFinite(f"task {task.name!r} v{task.version}: its {method.method_id} tensors come out NaN or infinite; refused")
-            if self.prefix_cache is not None and method.static_prefix and static["prompt"].shape[0] > 0:
+            if self.caches_prefix(method) and static["prompt"].shape[0] > 0:
                 static["prefix_kv"] = self.prefix_cache(static["prompt"])  # [L, 2, kvh, m, hd], once per version
         targets = [self.backbone.label_ids(label, task.spec.template) for label in task.spec.labels]
         if any(not t for t in targets):
