@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     route open to whoever reaches it (a private network you trust); otherwise it refuses to start."""
 
     max_batch_rows: int = Field(default=64, ge=1)
-    """Most rows the dynamic batcher puts in one forward."""
+    """Most rows the dynamic batcher puts in one batch (one forward, or a few passes by row length)."""
 
     max_batch_chars: int = Field(default=16384, ge=1)
     """Most input characters (summed over rows) in one batch; a single longer row still runs alone."""
