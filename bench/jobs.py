@@ -3,7 +3,9 @@
 For held-out catalog tasks (never in the multi-task mix), per method, k and seed: POST /v1/tasks with
 the *default request* — name, method, description, labels and k label-balanced examples, nothing
 else (no template, no scoring, no train options) — poll the job to its end (timing it), then score
-the new task on the task's test rows through POST /v1/predict. The baseline on the same rows is the
+the new task on the task's test rows through POST /v1/predict and delete it, so that every job
+starts from the same store: a task left served would be a transfer source for the next seed of the
+same data set (TPV's and PHA's retrieval pick it), and the seeds would not be independent. The baseline on the same rows is the
 description-only IP task (POST /v1/tasks without examples: ready at once). One JSON line per job
 goes to `--out` as it finishes; a rerun skips the (task, method, k, seed) already there.
 
@@ -81,7 +83,10 @@ def run_job(client: httpx.Client, task: str, method: str, k: int, seed: int, eva
     if job["status"] == "succeeded":
         while not client.get(f"/v1/tasks/{name}").json()["served"]:
             time.sleep(0.5)
-        record["test"] = _score(client, name, data.test[:eval_rows], spec.labels)
+        try:
+            record["test"] = _score(client, name, data.test[:eval_rows], spec.labels)
+        finally:
+            client.delete(f"/v1/tasks/{name}").raise_for_status()
     return record
 
 

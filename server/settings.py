@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline of a prediction row, queueing included (504 past it)."""
 
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    """On SIGTERM: how long the requests in flight may take to finish (new ones get 503) before the server stops anyway."""
+
     max_input_tokens: int = Field(default=1024, ge=1)
     """Longest rendered input in tokens (413 past it)."""
 

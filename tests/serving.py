@@ -1,15 +1,19 @@
 """Helpers for end-to-end serving tests: a per-run PostgreSQL database, a real uvicorn server on a
-loopback port, and the concurrent-equals-solo check."""
+loopback port (in this process, or a `taskserve serve` process), and the concurrent-equals-solo check."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +23,7 @@ from helpers import free_port
 from server.api import create_app
 from server.settings import Settings
 
+ROOT = Path(__file__).parents[1]
 PG_ADMIN = os.environ.get("TASKSERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -63,6 +68,51 @@ def running_server(settings: Settings, ready_s: float = 60) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait(predicate: Callable[[], object], what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.1)
+
+
+def serve_process(root: Path, models: dict[str, str], env: dict[str, str]) -> tuple[subprocess.Popen, Path, str]:
+    """`taskserve serve` as a process on a free loopback port, on a store in `root` (no seed store),
+    the tiny models of `save_tiny_models`, fp32 on the CPU, fast store sync and worker polling, and
+    the TASKSERVE_* overrides in env; returns (process, log file, URL) once /readyz is 200."""
+    port = free_port()
+    log = root / f"server-{port}.log"
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+                "TASKSERVE_BACKBONE": models["backbone"], "TASKSERVE_FORM_MODULE": models["form_module"], "TASKSERVE_STORE": str(root / "store"),
+                "TASKSERVE_SEED_STORE": "", "TASKSERVE_PORT": str(port), "TASKSERVE_DEVICE": "cpu", "TASKSERVE_DTYPE": "float32",
+                "TASKSERVE_SYNC_INTERVAL_S": "0.2", "TASKSERVE_WORKER_POLL_S": "0.2", **env}
+    with log.open("w") as out:  # a file, not a pipe: nobody reads a pipe, and a full one blocks the server
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=full_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, log, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"taskserve serve did not become ready:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Signal a server process and wait for it (killed past `timeout`); its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def assert_concurrent_equals_solo(url: str, rows: list[dict]) -> list[dict]:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,14 +16,14 @@ import pytest
 import torch
 
 from adapters_store.store import Store
-from helpers import METHODS, free_port, perturb
+from helpers import METHODS, perturb
 from server.backbone import load_backbone, load_form_module
 from server.cli import main
 from server.data.spec import TaskSpec
 from server.engine import Engine, Request
 from server.methods import REGISTRY, method_ids
 from server.store_sync import attach
-from serving import assert_concurrent_equals_solo, save_tiny_models
+from serving import assert_concurrent_equals_solo, save_tiny_models, serve_process, stop_process, wait
 
 ROOT = Path(__file__).parents[1]
 PLUGIN, TOY = "plugins.toy_bias", "toy_bias"
@@ -49,26 +46,8 @@ def toy() -> Iterator[None]:
 def deployment(toy, tmp_path_factory) -> Iterator[tuple[str, Engine, Store]]:
     root = tmp_path_factory.mktemp("plugin")
     models = save_tiny_models(root)
-    port = free_port()
-    env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "TASKSERVE_PLUGINS": PLUGIN, "TASKSERVE_BACKBONE": models["backbone"], "TASKSERVE_FORM_MODULE": models["form_module"],
-        "TASKSERVE_STORE": str(root / "store"), "TASKSERVE_SEED_STORE": "", "TASKSERVE_PORT": str(port), "TASKSERVE_API_KEY": KEY,
-        "TASKSERVE_DEVICE": "cpu", "TASKSERVE_DTYPE": "float32", "TASKSERVE_SYNC_INTERVAL_S": "0.2", "TASKSERVE_WORKER_POLL_S": "0.2",
-    }
-    log = (root / "server.log").open("w")  # a file, not a pipe: nobody reads a pipe, and a full one blocks the server
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, _, url = serve_process(root, models, {"TASKSERVE_PLUGINS": PLUGIN, "TASKSERVE_API_KEY": KEY})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "taskserve serve did not become ready"
-            time.sleep(0.2)
         # another process's engine (this one) publishes tasks of all six methods into the same store
         other = Engine(load_backbone(models["backbone"]), load_form_module(models["form_module"]))
         perturb(other)  # off the identity init, only in this process: its tasks use the store's modules
@@ -77,19 +56,7 @@ def deployment(toy, tmp_path_factory) -> Iterator[tuple[str, Engine, Store]]:
         yield url, other, writer
         writer.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def wait(predicate, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
+        stop_process(proc)
 
 
 def test_the_sixth_method_is_registered_everywhere(deployment) -> None:

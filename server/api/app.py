@@ -236,9 +236,6 @@ def _apply(state: AppState, mark: int, seen: Seen) -> SyncReport | None:
     return sync(state.store, state.engine, seen) if state.changes == mark else None
 
 
-DRAIN_TIMEOUT_S = 30.0
-
-
 class DrainingServer(uvicorn.Server):
     """uvicorn with a drain in front of its graceful shutdown. On the first SIGTERM (or SIGINT) the
     app stops taking work at once: /readyz and every new request answer 503 `not_ready` while the
@@ -248,7 +245,7 @@ class DrainingServer(uvicorn.Server):
     wait, a second SIGINT forces the exit (as in uvicorn). The process then exits 0: uvicorn would
     re-raise the signal (exit 143 outside a container; a container's PID 1 ignores it and exits 0)."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float = DRAIN_TIMEOUT_S) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
         super().__init__(config)
         self.app, self.drain_s = app, drain_s
         self._drain: tuple[set[asyncio.Task], float] | None = None  # requests running at the signal, deadline
@@ -283,7 +280,8 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     """`taskserve serve`: the app on settings.host:port under `DrainingServer`; 0 after a clean stop."""
     app = create_app(settings)
-    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=DRAIN_TIMEOUT_S), app)
+    drain = settings.drain_timeout_s
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=drain), app, drain)
     server.run()
     return 0 if server.started else 3  # 3: uvicorn's start-up failure status
 

@@ -14,10 +14,7 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,13 +25,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_store.store import Store
-from helpers import CLASSIFY, METHODS, free_port, perturb
+from helpers import CLASSIFY, METHODS, perturb
 from server.backbone import load_backbone, load_form_module
 from server.engine import Engine
 from server.store_sync import attach
-from serving import postgres_database, save_tiny_models
+from serving import ROOT, postgres_database, save_tiny_models, serve_process, stop_process, wait
 
-ROOT = Path(__file__).parents[2]
 FULL = os.environ.get("TASKSERVE_DRILLS") == "full"
 FIGURES = ROOT / "build" / ("drills" if FULL else "drills-fast")  # `make test` never overwrites `make drills`' figures
 KEY = "drill-key"
@@ -119,48 +115,6 @@ class Deployment:
         return self.log.read_text(errors="replace")
 
 
-def wait(predicate, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        time.sleep(0.1)
-
-
-def start(root: Path, env: dict[str, str], models: dict[str, str]) -> tuple[subprocess.Popen, Path, str]:
-    """`taskserve serve` as a process with env on a free loopback port; returns once /readyz is 200."""
-    port = free_port()
-    log = root / f"server-{port}.log"
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-                "TASKSERVE_BACKBONE": models["backbone"], "TASKSERVE_FORM_MODULE": models["form_module"], "TASKSERVE_STORE": str(root / "store"),
-                "TASKSERVE_SEED_STORE": "", "TASKSERVE_PORT": str(port), "TASKSERVE_API_KEY": KEY, "TASKSERVE_DEVICE": "cpu",
-                "TASKSERVE_DTYPE": "float32", "TASKSERVE_SYNC_INTERVAL_S": "0.2", "TASKSERVE_WORKER_POLL_S": "0.2", "TASKSERVE_THREADS": "1", **env}
-    with log.open("w") as out:  # a file, not a pipe: nobody reads a pipe, and a full one blocks the server
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=full_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, log, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"taskserve serve did not become ready:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 @contextlib.contextmanager
 def deployment(root: Path, db_url: str | None = None, **env: str) -> Iterator[Deployment]:
     """A server with its own fresh PostgreSQL database (or db_url; the SQLite file in the store with
@@ -169,7 +123,7 @@ def deployment(root: Path, db_url: str | None = None, **env: str) -> Iterator[De
     with contextlib.ExitStack() as stack:
         url_db = None if db_url == "sqlite" else (db_url or stack.enter_context(postgres_database()))
         env = {**env, **({"TASKSERVE_DB_URL": url_db} if url_db else {})}
-        proc, log, url = start(root, env, models)
+        proc, log, url = serve_process(root, models, {"TASKSERVE_API_KEY": KEY, "TASKSERVE_THREADS": "1", **env})
         try:
             other = perturb(Engine(load_backbone(models["backbone"]), load_form_module(models["form_module"])))
             writer = Store(root / "store", url_db)
@@ -177,4 +131,4 @@ def deployment(root: Path, db_url: str | None = None, **env: str) -> Iterator[De
             yield Deployment(url, root, proc, log, other, writer, env)
             writer.close()
         finally:
-            stop(proc)
+            stop_process(proc)

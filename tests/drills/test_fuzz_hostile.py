@@ -39,7 +39,8 @@ import hypothesis
 import pytest
 import schemathesis
 import torch
-from harness import FULL, Deployment, deployment, record, scale, wait
+from harness import FULL, Deployment, deployment, record, scale
+from serving import wait
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky

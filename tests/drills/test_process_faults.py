@@ -37,16 +37,17 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from harness import CLASSIFY, ROOT, Deployment, deployment, record, scale, stop, wait
+from harness import CLASSIFY, Deployment, deployment, record, scale
 from sqlalchemy.engine import make_url
 
 from adapters_store.store import Store
 from server.errors import Unavailable
-from serving import postgres_database
+from server.settings import Settings
+from serving import ROOT, postgres_database, stop_process, wait
 
 SYNC_S = 0.5  # the sync interval of these deployments; recovery is asserted within a few of them
 RECOVERY_INTERVALS = 10
-DRAIN_TIMEOUT_S = 30.0  # server.api.app.DRAIN_TIMEOUT_S: SIGTERM to exit, at most
+DRAIN_TIMEOUT_S = Settings.model_fields["drain_timeout_s"].default  # SIGTERM to exit, at most
 ROWS = [(f"{'aaaa' if i % 2 else 'zzzz'} film {i}", "positive" if i % 2 else "negative") for i in range(24)]
 
 
@@ -453,7 +454,7 @@ class TestPostgresRegistryBehindAProxy:
             wait(lambda: " polling " in log.read_text(), "the worker attaches once the registry is back", 60)
             assert log.read_text().count("waiting for it") == 1, log.read_text()[-2000:]
         finally:
-            code = stop(proc)
+            code = stop_process(proc)
         assert code == 0, log.read_text()[-2000:]
         record("worker_started_during_outage", waited_then_attached=True, waiting_logged=1, exit_code=code)
 

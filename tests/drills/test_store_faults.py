@@ -32,7 +32,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
-from harness import Deployment, deployment, record, scale, wait
+from harness import Deployment, deployment, record, scale
+from serving import wait
 from helpers import CLASSIFY, METHODS
 from safetensors.torch import save
 

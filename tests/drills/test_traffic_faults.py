@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from harness import KEY, Deployment, deployment, record, scale, wait
+from harness import KEY, Deployment, deployment, record, scale
+from serving import wait
 
 from helpers import CLASSIFY
 from server.data.spec import TaskSpec

@@ -18,7 +18,7 @@ from server.backbone import load_backbone
 from server.data.spec import TaskSpec
 from server.engine import Engine
 from server.settings import Settings
-from server.store_sync import attach, sync
+from server.store_sync import attach
 
 KEY = {"Authorization": "Bearer s3cret"}
 SPEC = TaskSpec(template="review: {text}", labels=("negative", "positive"), description="Tell me the sentiment:")
