@@ -180,6 +180,7 @@ def train_job(
         "steps_trained": learned.steps,
         "validation": learned.validation,
         "selection": learned.selection,
+        **({"final_fit": learned.final_fit} if learned.final_fit else {}),
         "seconds": round(time.monotonic() - started, 1),
         **({"notes": learned.notes} if learned.notes else {}),
     }

@@ -175,7 +175,7 @@ def few_shot_transfer(
                     record = {
                         "task": name, "method": method, "k": k, "seed": seed, "test": test, "seconds": round(time.monotonic() - started, 1),
                         "chosen": learned.chosen, "published_method": learned.task.method, "steps_trained": learned.steps,
-                        "selection": learned.selection, "notes": learned.notes, "request": "default" if default_request else "catalog",
+                        "selection": learned.selection, "final_fit": learned.final_fit, "notes": learned.notes, "request": "default" if default_request else "catalog",
                     }
                     results.append(record)
                     if on_result:

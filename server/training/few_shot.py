@@ -12,7 +12,11 @@
    other methods make from the description alone (the plain backbone, IP with a form module);
 4. the best candidate is published: a final fit on all examples replaying the chosen number of
    steps of the schedule, or — when training does not beat them — the start, or the best
-   description-only task (the job's notes say which and why).
+   description-only task (the job's notes say which and why);
+5. **the final fit is checked too**: it is scored on the examples it trained on, an estimate in its
+   favour, against the untrained candidates' scores on the same examples (they never trained on
+   any). If it still loses — a refit that landed in a trough of an oscillating run, which the
+   folds never saw — the best untrained candidate is published instead, and the notes say so.
 The task trains under a scratch name no client can ask for and is never visible until the caller
 publishes it; nothing shared is written, so no other task changes.
 
@@ -87,6 +91,9 @@ class Learned:
     notes: dict[str, Any] = field(default_factory=dict)
     folds: int = 0
     """Folds of the cross-validation (0: too few examples to hold any out; nothing was weighed)."""
+    final_fit: dict[str, float] = field(default_factory=dict)
+    """The final fit's accuracy, misfit and row count on all the examples it trained on (empty when
+    no trained step was chosen)."""
 
     @property
     def validation(self) -> dict[str, float]:
@@ -152,18 +159,25 @@ def learn(
     total = done_before + steps  # now known: progress ends at step == total
     if on_progress is not None:
         on_progress("selected", Progress(done_before, total, math.nan, {"chosen": chosen, **selection[chosen]}))
+    final_fit: dict[str, float] = {}
     if steps:
         task = start.on(engine.backbone.device)
         run("final", task, rows, [], stop_at=steps)
-        published = frozen_copy(task, name)
-    elif chosen == START:
+        final_fit = _scores(engine, task, rows)
+        fallback = _untrained_beating(selection, final_fit) if guard else None
+        if fallback is None:
+            return Learned(frozen_copy(task, name), chosen, steps, selection, notes, len(parts), final_fit)
+        notes["guard"] = (f"the final fit ({chosen} on all {len(rows)} examples) scores {final_fit['accuracy']:.3f} on the examples it trained on, "
+                          f"below the {fallback}'s {selection[fallback]['accuracy']:.3f} on the same examples: the {fallback} is published")
+        chosen, steps = fallback, 0
+    if chosen == START:
         published = frozen_copy(start, name)
-        notes["guard"] = "training did not beat the untrained start on the held-out examples: the start is published"
+        notes.setdefault("guard", "training did not beat the untrained start on the held-out examples: the start is published")
     else:
         zero_method = chosen.removesuffix(" zero-shot")
         published = frozen_copy(engine.tasks.new(name, zero_method, spec), name)
-        notes["guard"] = f"training did not beat the {zero_method} task made from the description alone on the held-out examples: that task is published"
-    return Learned(published, chosen, steps, selection, notes, len(parts))
+        notes.setdefault("guard", f"training did not beat the {zero_method} task made from the description alone on the held-out examples: that task is published")
+    return Learned(published, chosen, steps, selection, notes, len(parts), final_fit)
 
 
 def _scratch(name: str) -> str:
@@ -210,10 +224,26 @@ def _zero_shot_candidates(engine: Engine, method: str, spec: TaskSpec, rows: lis
             probe = engine.tasks.new(f"{rows[0].task[:40]}.{other}-zs"[:64], other, spec)
         except TaskservError:  # e.g. no form module for IP on this backbone
             continue
-        with engine.tasks.temporary(probe):
-            metrics = evaluate(engine, [Example(probe.name, e.text, e.target) for e in rows])
-        out[f"{other} zero-shot"] = {"accuracy": metrics["accuracy"], "nll": metrics["nll"], "rows": metrics["n"]}
+        out[f"{other} zero-shot"] = _scores(engine, probe, rows)
     return out
+
+
+def _scores(engine: Engine, task: Task, rows: list[Example]) -> dict[str, float]:
+    """`task`'s accuracy, misfit (`nll`) and row count on labelled rows (it need not be served)."""
+    with engine.tasks.temporary(task):
+        metrics = evaluate(engine, [Example(task.name, e.text, e.target) for e in rows])
+    return {"accuracy": metrics["accuracy"], "nll": metrics["nll"], "rows": metrics["n"]}
+
+
+def _untrained_beating(selection: dict[str, dict[str, float]], final_fit: dict[str, float]) -> str | None:
+    """The best untrained candidate (the start, a description-only task) when it fits the examples
+    better than the final fit fits the examples it trained on — by the selection's order: accuracy,
+    then the lower misfit; a tie keeps the final fit. None when the final fit holds."""
+    untrained = {c: v for c, v in selection.items() if not c.startswith("step ")}
+    if not untrained:
+        return None
+    best = max(untrained, key=lambda c: (untrained[c]["accuracy"], -untrained[c]["nll"]))
+    return best if (untrained[best]["accuracy"], -untrained[best]["nll"]) > (final_fit["accuracy"], -final_fit["nll"]) else None
 
 
 def frozen_copy(task: Task, name: str) -> Task:

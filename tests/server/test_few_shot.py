@@ -14,7 +14,7 @@ from server.data.spec import TaskSpec
 from server.engine import Request
 from server.methods import recipe_for
 from server.task import Example
-from server.training.few_shot import START, learn
+from server.training.few_shot import START, _untrained_beating, learn
 from server.training.trainer import TrainConfig, train
 from server.training.workbench import Workbench
 
@@ -140,3 +140,31 @@ def test_a_reservation_can_end_as_another_methods_task_but_a_published_task_keep
     assert registry.get_task("t")["method"] == "plain"
     with pytest.raises(Conflict):
         registry.publish_version("t", "prompt_tuning", 2, "tasks/t/v2", "1" * 64)
+
+
+def test_a_final_fit_that_fits_its_own_examples_worse_than_the_start_is_not_published() -> None:
+    """The check on the final fit, by the selection's order (accuracy, then misfit; a tie keeps the
+    fit), against every untrained candidate and never against a trained step."""
+    selection = {START: {"accuracy": 0.72, "nll": 0.55, "rows": 32}, "step 10": {"accuracy": 0.78, "nll": 0.53, "rows": 32},
+                 "ip zero-shot": {"accuracy": 0.66, "nll": 0.60, "rows": 32}}
+    assert _untrained_beating(selection, {"accuracy": 0.65, "nll": 0.60, "rows": 32}) == START
+    assert _untrained_beating(selection, {"accuracy": 0.72, "nll": 0.56, "rows": 32}) == START  # same accuracy, worse misfit
+    assert _untrained_beating(selection, {"accuracy": 0.72, "nll": 0.55, "rows": 32}) is None  # a tie keeps the fit
+    assert _untrained_beating(selection, {"accuracy": 0.75, "nll": 0.70, "rows": 32}) is None  # the trained step's 0.78 is no bar
+    zero_best = {**selection, "ip zero-shot": {"accuracy": 0.9, "nll": 0.3, "rows": 32}}
+    assert _untrained_beating(zero_best, {"accuracy": 0.8, "nll": 0.4, "rows": 32}) == "ip zero-shot"
+    assert _untrained_beating({"step 10": selection["step 10"]}, {"accuracy": 0.0, "nll": 9.0, "rows": 32}) is None  # guard off: nothing untrained
+
+
+def test_the_published_final_fit_is_scored_on_the_examples_it_trained_on() -> None:
+    """A trained winner carries its fit on all k examples: the published task's own score on them."""
+    engine = make_engine("llama")
+    rows = [Example("new", t, "positive" if i % 2 else "negative") for i, t in enumerate(TEXTS)]
+    learned = learn(engine, "new", "pha", SPEC, rows, {}, TrainConfig(steps=12, batch_size=4, eval_every=4, seed=1, prototype_lr=0.1))
+    assert learned.chosen.startswith("step "), learned.selection  # this draw trains (seeded): a final fit to check
+    with engine.tasks.temporary(learned.task):
+        answers = [r.label for r in engine.run([Request("new", e.text) for e in rows])]
+    assert learned.final_fit["rows"] == len(rows)
+    assert learned.final_fit["accuracy"] == sum(a == e.target for a, e in zip(answers, rows)) / len(rows)
+    best = max((v["accuracy"], -v["nll"]) for c, v in learned.selection.items() if not c.startswith("step "))
+    assert (learned.final_fit["accuracy"], -learned.final_fit["nll"]) >= best and "guard" not in learned.notes
