@@ -1,0 +1,130 @@
+"""How well a few-shot job's selection chose: the test curve of the job's final fit.
+
+For default-request jobs already run by `bench.jobs` (their records in docs/results/jobs-default*.jsonl),
+the final fit — the same start, the same k examples, the job's config — is retrained for the whole
+schedule on all examples, scoring the task's test rows at the start and at every candidate step. Beside the
+job's recorded selection (its cross-validated curve) this shows what each selection rule would have
+published and how that scored on the test rows, so a rule is chosen on evidence, not on one seed:
+
+    python -m bench.selection_curves --store build/curves-store --task tweet-sentiment --methods tpv,ip --seeds 0,1,2
+
+The store must hold what the job's server held when it ran (a scratch store seeded from demo_store/:
+`taskserve store import demo_store --store build/curves-store`), since TPV and PHA pick their starts
+among the served tasks. JSON to bench/results/selection-curves-<time>.json; a table per job on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.report import default_jobs
+from server.data import catalog
+from server.data.readers import LabeledText
+from server.data.spec import TaskSpec
+from server.data.splits import few_shot as sample_few_shot
+from server.methods import recipe_for
+from server.settings import Settings
+from server.task import Example
+from server.training.evaluate import evaluate
+from server.training.experiments import load_task_data
+from server.training.few_shot import START
+from server.training.trainer import TrainConfig, train
+from server.training.workbench import Workbench
+
+
+def _key(entry: dict) -> tuple[float, float]:
+    return entry["accuracy"], -entry["nll"]
+
+
+def rules(selection: dict[str, dict]) -> dict[str, str]:
+    """The candidate each selection rule picks from a job's recorded selection (trained steps and
+    the untrained start; the description-only candidates are left out: their test score is the
+    baseline's)."""
+    steps = [c for c in selection if c == START or c.startswith("step ")]
+    trained = [c for c in steps if c != START]
+    smoothed = {c: statistics.fmean(selection[n]["accuracy"] for n in steps[max(0, i - 1): i + 2]) for i, c in enumerate(steps)}
+    best = max(steps, key=lambda c: _key(selection[c]))
+    p, n = selection[best]["accuracy"], selection[best]["rows"]
+    within = selection[best]["accuracy"] - math.sqrt(p * (1 - p) / n)  # one standard error of the best's accuracy
+    return {
+        "accuracy, then misfit (the jobs' rule)": max(steps, key=lambda c: _key(selection[c])),
+        "misfit alone": min(steps, key=lambda c: selection[c]["nll"]),
+        "accuracy smoothed over neighbouring steps": max(steps, key=lambda c: (smoothed[c], -selection[c]["nll"])),
+        "one standard error: the least training within 1 SE of the best": next(c for c in steps if selection[c]["accuracy"] >= within),
+        "always the last step": trained[-1],
+    }
+
+
+def curve(engine, record: dict, test: list[Example], config: TrainConfig) -> dict[str, float]:
+    """Test accuracy of the job's final fit at the start and at every evaluated step."""
+    task_name, method, k, seed = record["task"], record["method"], record["k"], record["seed"]
+    spec = catalog.get(task_name)
+    data = load_task_data(task_name, Settings().cache_dir / "data", seed=0, max_test=len(test))
+    shots = sample_few_shot([LabeledText(e.text, e.target) for e in data.train], k, seed)
+    request_spec = TaskSpec.default(spec.description, spec.labels, seq2seq=engine.backbone.is_encoder_decoder)
+    scratch = f"curve-{method}-k{k}-s{seed}.training"  # a name no client could ask for, as a job's
+    rows = [Example(scratch, e.text, e.label) for e in shots]
+    recipe = recipe_for(method)
+    start, _ = recipe.few_shot(Workbench(engine), scratch, request_spec, rows, {}, config.seed)
+    task = start.on(engine.backbone.device)
+    held = [Example(scratch, e.text, e.target) for e in test]
+    with engine.tasks.temporary(task):
+        result = train(engine, [task], {scratch: rows}, {scratch: held}, recipe.trainables(task), config, eval_at_start=True)
+    return {START if h["step"] == 0 else f"step {h['step']}": h["val_accuracy"] for h in result.history}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--task", default="tweet-sentiment")
+    parser.add_argument("--methods", default="tpv,ip")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--records", default="docs/results")
+    parser.add_argument("--eval-rows", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    from adapters_store.store import Store
+    from server.factory import build_engine
+    from server.store_sync import attach
+
+    settings = Settings(store=args.store, seed_store="")
+    engine = build_engine(settings, training=True)
+    attach(Store(settings.store, settings.db_url), engine)
+    records = {(r["task"], r["method"], r["k"], r["seed"]): r for r in default_jobs(Path(args.records)) if r.get("test")}
+    base = next(r["test"]["accuracy"] for r in default_jobs(Path(args.records)) if r["task"] == args.task and r["k"] == 0)
+    test = load_task_data(args.task, settings.cache_dir / "data", seed=0, max_test=args.eval_rows).test[: args.eval_rows]
+    config = dataclasses.replace(TrainConfig.for_job(steps=60, seed=0), eval_rows=len(test))  # what a default request trains with
+    out = []
+    for method in args.methods.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            record = records.get((args.task, method, args.k, seed))
+            if record is None:
+                print(f"no record of {args.task} {method} k={args.k} seed={seed}: skipped")
+                continue
+            selection = record["metrics"]["selection"]
+            test_curve = curve(engine, record, test, config)
+            picks = {rule: {"chosen": c, "test": test_curve[c]} for rule, c in rules(selection).items()}
+            out.append({"task": args.task, "method": method, "k": args.k, "seed": seed, "job_test": record["test"]["accuracy"],
+                        "baseline": base, "cross_validated": {c: v["accuracy"] for c, v in selection.items()}, "test_curve": test_curve, "rules": picks})
+            print(f"\n{args.task} {method} k={args.k} seed={seed} (job published {record['metrics']['chosen']}: test {record['test']['accuracy']:.3f}; baseline {base:.3f})")
+            print(f"{'candidate':<10} {'cross-validated':>16} {'test (final fit)':>17}")
+            for c, acc in test_curve.items():
+                print(f"{c:<10} {selection.get(c, {}).get('accuracy', float('nan')):>16.3f} {acc:>17.3f}")
+            for rule, pick in picks.items():
+                print(f"  {rule:<44} {pick['chosen']:<8} test {pick['test']:.3f}")
+    path = Path("bench/results") / f"selection-curves-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
