@@ -122,6 +122,8 @@ def default_jobs_table(folder: Path) -> str:
                 chosen = [r["metrics"].get("chosen", "?") for r in jobs if (r["task"], r["method"], r["k"]) == (task, method, k)]
                 mean, lo, hi = statistics.fmean(accs), min(accs), max(accs)
                 checks = ["yes" if ok else "**no**" for ok in (mean >= b + 0.05, lo >= b, hi - lo <= 0.04)] if b is not None else ["", "", ""]
+                if len(accs) < 2:
+                    checks[2] = "–"  # one seed has no spread
                 lines.append(f"| {task} | {method} | {k} | {len(accs)} | {mean:.3f} | {lo:.3f}–{hi:.3f} | {', '.join(chosen)} | " + " | ".join(checks) + " |")
     return "\n".join(lines) + "\n"
 
