@@ -36,9 +36,20 @@ from server.data.spec import TaskSpec
 from server.methods import method_class, method_ids
 from server.settings import Settings
 from server.training.evaluate import classification_metrics
-from server.training.experiments import load_task_data
+from server.training.experiments import TaskData, load_task_data
 
 BASELINE = next(m for m in method_ids() if method_class(m).uses_form)  # the description-only zero-shot of the acceptance
+
+
+def task_rows(task: str, eval_rows: int) -> TaskData:
+    """A held-out task's rows as every job sees them: split seed 0 whatever the sampling seed, so
+    every seed and method is scored on the same test rows."""
+    return load_task_data(task, Settings().cache_dir / "data", seed=0, max_test=eval_rows)
+
+
+def examples(data: TaskData, k: int, seed: int) -> list[LabeledText]:
+    """The k label-balanced examples of a job's default request (the seed picks which)."""
+    return few_shot([LabeledText(e.text, e.target) for e in data.train], k, seed)
 
 
 def _score(client: httpx.Client, name: str, test: list, labels: tuple[str, ...]) -> dict:
@@ -53,7 +64,7 @@ def _score(client: httpx.Client, name: str, test: list, labels: tuple[str, ...])
 
 def baseline(client: httpx.Client, task: str, eval_rows: int, stamp: str) -> dict:
     """The description-only task on the test rows (created once per run, then deleted)."""
-    data = load_task_data(task, Settings().cache_dir / "data", seed=0, max_test=eval_rows)
+    data = task_rows(task, eval_rows)
     spec = catalog.get(task)
     name = f"zs-{task}-{stamp}"[:64]
     created = client.post("/v1/tasks", json={"name": name, "method": BASELINE, "description": spec.description, "labels": list(spec.labels)})
@@ -65,8 +76,8 @@ def baseline(client: httpx.Client, task: str, eval_rows: int, stamp: str) -> dic
 
 
 def run_job(client: httpx.Client, task: str, method: str, k: int, seed: int, eval_rows: int, stamp: str) -> dict:
-    data = load_task_data(task, Settings().cache_dir / "data", seed=0, max_test=eval_rows)
-    shots = few_shot([LabeledText(e.text, e.target) for e in data.train], k, seed)
+    data = task_rows(task, eval_rows)
+    shots = examples(data, k, seed)
     spec = catalog.get(task)
     name = f"{task}-{method.replace('_', '-')}-k{k}-s{seed}-{stamp}"[:64]
     body = {"name": name, "method": method, "description": spec.description, "labels": list(spec.labels),

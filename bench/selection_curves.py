@@ -23,19 +23,15 @@ import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.jobs import examples, task_rows
 from bench.report import default_jobs
 from server.data import catalog
-from server.data.readers import LabeledText
 from server.data.spec import TaskSpec
-from server.data.splits import few_shot as sample_few_shot
-from server.methods import recipe_for
 from server.settings import Settings
 from server.task import Example
-from server.training.evaluate import evaluate
-from server.training.experiments import load_task_data
-from server.training.few_shot import START
-from server.training.trainer import TrainConfig, train
-from server.training.workbench import Workbench
+from server.training.experiments import TaskData
+from server.training.few_shot import START, few_shot
+from server.training.trainer import TrainConfig
 
 
 def _key(entry: dict) -> tuple[float, float]:
@@ -61,21 +57,14 @@ def rules(selection: dict[str, dict]) -> dict[str, str]:
     }
 
 
-def curve(engine, record: dict, test: list[Example], config: TrainConfig) -> dict[str, float]:
-    """Test accuracy of the job's final fit at the start and at every evaluated step."""
-    task_name, method, k, seed = record["task"], record["method"], record["k"], record["seed"]
-    spec = catalog.get(task_name)
-    data = load_task_data(task_name, Settings().cache_dir / "data", seed=0, max_test=len(test))
-    shots = sample_few_shot([LabeledText(e.text, e.target) for e in data.train], k, seed)
+def curve(engine, record: dict, data: TaskData, config: TrainConfig) -> dict[str, float]:
+    """Test accuracy of the job's final fit (its start, its k examples, its config: `few_shot` is
+    what `learn`'s final fit runs) at the start and at every evaluated step."""
+    task, method, k, seed = record["task"], record["method"], record["k"], record["seed"]
+    spec = catalog.get(task)
+    rows = [Example(task, e.text, e.label) for e in examples(data, k, seed)]
     request_spec = TaskSpec.default(spec.description, spec.labels, seq2seq=engine.backbone.is_encoder_decoder)
-    scratch = f"curve-{method}-k{k}-s{seed}.training"  # a name no client could ask for, as a job's
-    rows = [Example(scratch, e.text, e.label) for e in shots]
-    recipe = recipe_for(method)
-    start, _ = recipe.few_shot(Workbench(engine), scratch, request_spec, rows, {}, config.seed)
-    task = start.on(engine.backbone.device)
-    held = [Example(scratch, e.text, e.target) for e in test]
-    with engine.tasks.temporary(task):
-        result = train(engine, [task], {scratch: rows}, {scratch: held}, recipe.trainables(task), config, eval_at_start=True)
+    _, result, _ = few_shot(engine, f"curve-{method}-k{k}-s{seed}", method, request_spec, rows, data.test, {}, config, eval_at_start=True)
     return {START if h["step"] == 0 else f"step {h['step']}": h["val_accuracy"] for h in result.history}
 
 
@@ -97,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(store=args.store, seed_store="")
     engine = build_engine(settings, training=True)
     attach(Store(settings.store, settings.db_url), engine)
-    records = {(r["task"], r["method"], r["k"], r["seed"]): r for r in default_jobs(Path(args.records)) if r.get("test")}
-    base = next(r["test"]["accuracy"] for r in default_jobs(Path(args.records)) if r["task"] == args.task and r["k"] == 0)
-    test = load_task_data(args.task, settings.cache_dir / "data", seed=0, max_test=args.eval_rows).test[: args.eval_rows]
-    config = dataclasses.replace(TrainConfig.for_job(steps=60, seed=0), eval_rows=len(test))  # what a default request trains with
+    jobs = default_jobs(Path(args.records))
+    records = {(r["task"], r["method"], r["k"], r["seed"]): r for r in jobs if r.get("test")}
+    base = next(r["test"]["accuracy"] for r in jobs if r["task"] == args.task and r["k"] == 0)
+    data = task_rows(args.task, args.eval_rows)
+    config = dataclasses.replace(TrainConfig.for_job(steps=60, seed=0), eval_rows=len(data.test))  # what a default request trains with
     out = []
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
@@ -109,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no record of {args.task} {method} k={args.k} seed={seed}: skipped")
                 continue
             selection = record["metrics"]["selection"]
-            test_curve = curve(engine, record, test, config)
+            test_curve = curve(engine, record, data, config)
             picks = {rule: {"chosen": c, "test": test_curve[c]} for rule, c in rules(selection).items()}
             out.append({"task": args.task, "method": method, "k": args.k, "seed": seed, "job_test": record["test"]["accuracy"],
                         "baseline": base, "cross_validated": {c: v["accuracy"] for c, v in selection.items()}, "test_curve": test_curve, "rules": picks})

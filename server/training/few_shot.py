@@ -61,16 +61,19 @@ def few_shot(
     on_progress: Callable[[Progress], None] | None = None,
     checkpoint: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    *,
+    eval_at_start: bool = False,
 ) -> tuple[Task, TrainResult, dict[str, Any]]:
     """Create one new task and train it on `train_rows`, keeping the best step on
-    `validation_rows`; returns it (host tensors, public name), the result and the recipe's notes."""
+    `validation_rows` (the untrained start among them with `eval_at_start`); returns it (host
+    tensors, public name), the result and the recipe's notes."""
     scratch = _scratch(name)
     rows = [Example(scratch, e.text, e.target) for e in train_rows]
     recipe = recipe_for(method)
     task, notes = recipe.few_shot(Workbench(engine), scratch, spec, rows, init, config.seed)
     validation = {scratch: [Example(scratch, e.text, e.target) for e in validation_rows]} if validation_rows else {}
     with engine.tasks.temporary(task):
-        result = train(engine, [task], {scratch: rows}, validation, recipe.trainables(task), config, on_progress, checkpoint, should_stop)
+        result = train(engine, [task], {scratch: rows}, validation, recipe.trainables(task), config, on_progress, checkpoint, should_stop, eval_at_start=eval_at_start)
     result.validation = {name: metrics for metrics in result.validation.values()}
     return frozen_copy(task, name), result, notes
 
