@@ -21,18 +21,24 @@ through the cache gives the same log-likelihoods as one pass over [prompt; targe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
 from server.backbone import Backbone, FormModule, masked_mean
 from server.batch import BatchContext
 from server.decoding import Decoding, Sampling
 from server.hooks import ContextHooks
+
+
+# transformers renamed the forward's and the outputs' `past_key_values` to `cache` (the old name warns and
+# is to go in 5.40); the vLLM venv pins a release from before the rename, so the name is looked up once.
+CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -94,7 +100,7 @@ class DecoderRunner:
         positions = torch.arange(prompt.shape[0], device=embeds.device).unsqueeze(0)
         with self.hooks.use(None):
             out = self.backbone.model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
+        return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in getattr(out, CACHE).layers])
 
     def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None) -> Encoded:
         if form is not None:
@@ -112,8 +118,8 @@ class DecoderRunner:
             mask = torch.cat([past_mask, mask], dim=1)  # [b, P + t]
         # no padding anywhere (one task, or equal lengths): HF's causal path instead of a masked one (~7% of a batch on CPU)
         attention = None if bool(mask.all()) else mask
-        out = self._forward(ctx, inputs_embeds=embeds, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return Encoded(mask=mask, last_logits=out.logits[:, -1], cache=out.past_key_values)
+        out = self._forward(ctx, inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE: cache})
+        return Encoded(mask=mask, last_logits=out.logits[:, -1], cache=getattr(out, CACHE))
 
     @staticmethod
     def _select_cache(cache: DynamicCache, index: Tensor) -> DynamicCache:
@@ -126,7 +132,7 @@ class DecoderRunner:
         """Feed ids [p, n] (mask id_mask) after cached prompts whose mask is `mask` [p, t]; the cache
         and ctx already hold these p rows. Returns logits [p, n, vocab]."""
         positions = mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=ids.device)  # [p, n]
-        out = self._forward(ctx, inputs_embeds=self.backbone.embed(ids), attention_mask=torch.cat([mask, id_mask], dim=1), position_ids=positions, past_key_values=cache, use_cache=True)
+        out = self._forward(ctx, inputs_embeds=self.backbone.embed(ids), attention_mask=torch.cat([mask, id_mask], dim=1), position_ids=positions, use_cache=True, **{CACHE: cache})
         return out.logits
 
     def label_logprobs(self, enc: Encoded, ctx: BatchContext, pair_row: Tensor, targets: list[list[int]]) -> Tensor:
@@ -190,8 +196,8 @@ class Seq2SeqRunner:
                 attention_mask=mask,
                 decoder_input_ids=dec_ids,
                 decoder_attention_mask=dec_mask,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{CACHE: cache},
             )
 
     def _shifted(self, targets: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -221,7 +227,7 @@ class Seq2SeqRunner:
         def step(token: Tensor | None) -> Tensor:
             nonlocal cache
             out = self._decode(sub, sub_ctx, None, (start if token is None else token).unsqueeze(1), cache=cache)
-            cache = out.past_key_values
+            cache = getattr(out, CACHE)
             return out.logits[:, -1]
 
         return Decoding(step, sampling, max_new, self.backbone.eos_id, self.backbone.decode, sinks)
