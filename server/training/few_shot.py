@@ -17,6 +17,8 @@
    favour, against the untrained candidates' scores on the same examples (they never trained on
    any). If it still loses — a refit that landed in a trough of an oscillating run, which the
    folds never saw — the best untrained candidate is published instead, and the notes say so.
+   With too few examples to hold any out (fewer than two per fold, or a training part without
+   some label), every step trains on all of them and this check is the only guard.
 The task trains under a scratch name no client can ask for and is never visible until the caller
 publishes it; nothing shared is written, so no other task changes.
 
@@ -93,7 +95,8 @@ class Learned:
     """Every candidate's held-out accuracy, misfit (`nll`) and row count, in the order weighed."""
     notes: dict[str, Any] = field(default_factory=dict)
     folds: int = 0
-    """Folds of the cross-validation (0: too few examples to hold any out; nothing was weighed)."""
+    """Folds of the cross-validation (0: none — too few examples to hold any out, then only the
+    final-fit check weighs the training against the untrained candidates, or none asked for)."""
     final_fit: dict[str, float] = field(default_factory=dict)
     """The final fit's accuracy, misfit and row count on all the examples it trained on (empty when
     no trained step was chosen)."""
@@ -143,10 +146,15 @@ def learn(
         done_before += result.steps
         return result
 
-    if not parts:  # too few examples to hold any out: train on all of them, nothing to weigh
+    if not parts:  # too few examples to hold any out: all the steps on all of them, no step to weigh
         task = start.on(engine.backbone.device)
         result = run("train", task, rows, [])
-        return Learned(frozen_copy(task, name), f"step {result.steps}", result.steps, {}, notes)
+        trained = f"step {result.steps}"
+        if not guard or folds < 2:  # folds=0: the caller asked for no selection at all
+            return Learned(frozen_copy(task, name), trained, result.steps, {}, notes)
+        # the final-fit check is the one guard left: the untrained candidates never trained on any example
+        selection = {START: _scores(engine, start, rows), **_zero_shot_candidates(engine, method, spec, rows)}
+        return _checked(engine, name, start, task, rows, trained, selection, notes, 0)
 
     curves = []
     for i, held in enumerate(parts):
@@ -162,25 +170,38 @@ def learn(
     total = done_before + steps  # now known: progress ends at step == total
     if on_progress is not None:
         on_progress("selected", Progress(done_before, total, math.nan, {"chosen": chosen, **selection[chosen]}))
-    final_fit: dict[str, float] = {}
     if steps:
         task = start.on(engine.backbone.device)
         run("final", task, rows, [], stop_at=steps)
-        final_fit = _scores(engine, task, rows)
-        fallback = _untrained_beating(selection, final_fit) if guard else None
-        if fallback is None:
-            return Learned(frozen_copy(task, name), chosen, steps, selection, notes, len(parts), final_fit)
-        notes["guard"] = (f"the final fit ({chosen} on all {len(rows)} examples) scores {final_fit['accuracy']:.3f} on the examples it trained on, "
-                          f"below the {fallback}'s {selection[fallback]['accuracy']:.3f} on the same examples: the {fallback} is published")
-        chosen, steps = fallback, 0
+        return _checked(engine, name, start, task, rows, chosen, selection, notes, len(parts), guard)
+    return _untrained(engine, name, start, chosen, selection, notes, len(parts))
+
+
+def _checked(engine: Engine, name: str, start: Task, fit: Task, rows: list[Example], chosen: str,
+             selection: dict[str, dict[str, float]], notes: dict[str, Any], folds: int, guard: bool = True) -> Learned:
+    """The final fit `fit` (trained as `chosen` says on all the examples) published, unless it fits
+    the examples it trained on worse than an untrained candidate fits them (step 5 of the module
+    docstring): that candidate is published then, and the notes say why."""
+    final_fit = _scores(engine, fit, rows)
+    fallback = _untrained_beating(selection, final_fit) if guard else None
+    if fallback is None:
+        return Learned(frozen_copy(fit, name), chosen, int(chosen.removeprefix("step ")), selection, notes, folds, final_fit)
+    notes["guard"] = (f"the final fit ({chosen} on all {len(rows)} examples) scores {final_fit['accuracy']:.3f} on the examples it trained on, "
+                      f"below the {fallback}'s {selection[fallback]['accuracy']:.3f} on the same examples: the {fallback} is published")
+    return dataclasses.replace(_untrained(engine, name, start, fallback, selection, notes, folds), final_fit=final_fit)
+
+
+def _untrained(engine: Engine, name: str, start: Task, chosen: str, selection: dict[str, dict[str, float]], notes: dict[str, Any], folds: int) -> Learned:
+    """An untrained candidate published: the start, or `<method> zero-shot` (a task of that method
+    made from the description alone)."""
     if chosen == START:
         published = frozen_copy(start, name)
         notes.setdefault("guard", "training did not beat the untrained start on the held-out examples: the start is published")
     else:
         zero_method = chosen.removesuffix(" zero-shot")
-        published = frozen_copy(engine.tasks.new(name, zero_method, spec), name)
+        published = frozen_copy(engine.tasks.new(name, zero_method, start.spec), name)
         notes.setdefault("guard", f"training did not beat the {zero_method} task made from the description alone on the held-out examples: that task is published")
-    return Learned(published, chosen, steps, selection, notes, len(parts), final_fit)
+    return Learned(published, chosen, 0, selection, notes, folds)
 
 
 def _scratch(name: str) -> str:

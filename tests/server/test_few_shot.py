@@ -66,6 +66,24 @@ def test_the_guard_publishes_the_untrained_start_when_training_makes_validation_
     assert set(engine.tasks) == set()  # nothing left behind
 
 
+def test_with_too_few_examples_to_hold_any_out_the_final_fit_check_still_guards() -> None:
+    """Three examples cannot make two folds: all the steps train on all of them, and the fit is
+    checked on them against the untrained candidates — here the start, right on every example,
+    beats a fit a wildly large learning rate spoiled, so the start is published."""
+    engine = make_engine("llama")
+    start = recipe_for("prompt_tuning").few_shot(Workbench(engine), "probe", SPEC, [], {}, 0)[0]
+    with engine.tasks.temporary(start):
+        answers = [r.label for r in engine.run([Request("probe", t) for t in TEXTS[:3]])]
+    rows = [Example("new", t, a) for t, a in zip(TEXTS[:3], answers)]
+    learned = learn(engine, "new", "prompt_tuning", SPEC, rows, {}, TrainConfig(steps=10, batch_size=4, eval_every=5, prompt_lr=50.0))
+    assert learned.folds == 0 and learned.selection[START] == {"accuracy": 1.0, "nll": learned.selection[START]["nll"], "rows": 3}
+    assert learned.final_fit["rows"] == 3 and learned.final_fit["accuracy"] < 1.0  # what the check weighed
+    assert learned.chosen == START and learned.steps == 0 and "final fit" in learned.notes["guard"]
+    assert torch.equal(learned.task.params["prompt"], start.params["prompt"].detach().cpu())
+    unguarded = learn(engine, "new", "prompt_tuning", SPEC, rows, {}, TrainConfig(steps=10, batch_size=4, eval_every=5, prompt_lr=50.0), folds=0)
+    assert unguarded.chosen == "step 10" and unguarded.selection == {} and "guard" not in unguarded.notes  # folds=0: no selection asked for
+
+
 def test_selection_is_cross_validated_and_the_final_fit_replays_the_chosen_steps() -> None:
     """The selection rule: every candidate (the start, each evaluated step, each description-only
     task of another method) is scored on the held-out examples of 2 stratified folds — all 16, once
