@@ -88,7 +88,7 @@ serve-vllm: venv-vllm assets
 # keeps the work folder, skips the zero-shot table and the methods already trained, and continues the
 # interrupted method from its checkpoint (FRESH=1 starts over).
 DEMO_STORE_WORK := build/demo-store
-DEMO_STEPS ?= 120
+DEMO_STEPS ?= 160
 DEMO_TRAIN_ARGS := --store $(DEMO_STORE_WORK) --batch-size 8 --eval-rows 200 --lr 1e-3 --seed 0
 demo-store: venv assets data
 	$(if $(FRESH),rm -rf $(DEMO_STORE_WORK))

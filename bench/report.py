@@ -125,6 +125,10 @@ def default_jobs_table(folder: Path) -> str:
                 if len(accs) < 2:
                     checks[2] = "–"  # one seed has no spread
                 lines.append(f"| {task} | {method} | {k} | {len(accs)} | {mean:.3f} | {lo:.3f}–{hi:.3f} | {', '.join(chosen)} | " + " | ".join(checks) + " |")
+    guarded = [r for r in jobs if "guard" in r["metrics"].get("notes", {})]
+    if guarded:  # where a method learned nothing worth publishing, and why: the job's own words
+        lines += ["", "Where the guard published an untrained task (the job's note):", ""]
+        lines += [f"- {r['task']} {r['method']} k={r['k']} seed {r['seed']}: {r['metrics']['notes']['guard']}." for r in guarded]
     return "\n".join(lines) + "\n"
 
 
