@@ -4,7 +4,8 @@ For default-request jobs already run by `bench.jobs` (their records in docs/resu
 the final fit — the same start, the same k examples, the job's config — is retrained for the whole
 schedule on all examples, scoring the task's test rows at the start and at every candidate step. Beside the
 job's recorded selection (its cross-validated curve) this shows what each selection rule would have
-published and how that scored on the test rows, so a rule is chosen on evidence, not on one seed:
+published and how that scored on the test rows, so a rule is chosen on evidence, not on one seed
+(`--average β` retrains with weight averaging instead, to see what it does to the curve):
 
     python -m bench.selection_curves --store build/curves-store --task tweet-sentiment --methods tpv,ip --seeds 0,1,2
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--records", default="docs/results")
     parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--average", type=float, default=0.0, help="retrain with this weight-averaging decay (TrainConfig.average; the jobs ran with 0)")
     args = parser.parse_args(argv)
 
     from adapters_store.store import Store
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     records = {(r["task"], r["method"], r["k"], r["seed"]): r for r in jobs if r.get("test")}
     base = next(r["test"]["accuracy"] for r in jobs if r["task"] == args.task and r["k"] == 0)
     data = task_rows(args.task, args.eval_rows)
-    config = dataclasses.replace(TrainConfig.for_job(steps=60, seed=0), eval_rows=len(data.test))  # what a default request trains with
+    config = dataclasses.replace(TrainConfig.for_job(steps=60, seed=0), eval_rows=len(data.test), average=args.average)  # what a default request trains with
     out = []
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             test_curve = curve(engine, record, data, config)
             picks = {rule: {"chosen": c, "test": test_curve[c]} for rule, c in rules(selection).items()}
             out.append({"task": args.task, "method": method, "k": args.k, "seed": seed, "job_test": record["test"]["accuracy"],
-                        "baseline": base, "cross_validated": {c: v["accuracy"] for c, v in selection.items()}, "test_curve": test_curve, "rules": picks})
+                        "baseline": base, "average": args.average, "cross_validated": {c: v["accuracy"] for c, v in selection.items()}, "test_curve": test_curve, "rules": picks})
             print(f"\n{args.task} {method} k={args.k} seed={seed} (job published {record['metrics']['chosen']}: test {record['test']['accuracy']:.3f}; baseline {base:.3f})")
             print(f"{'candidate':<10} {'cross-validated':>16} {'test (final fit)':>17}")
             for c, acc in test_curve.items():

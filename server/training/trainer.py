@@ -5,7 +5,8 @@ The backbone is frozen; what trains is whatever the caller (a recipe) passes: pe
 PHA's retriever + hypernetwork + shared adapters, ATTEMPT's attention module). The seeds' recipe:
 AdamW with linear warmup then linear decay, gradient clipping, lr 0.3 for soft prompts and 3e-4
 for networks, mini-batches that mix tasks (ATTEMPT §3.3), validation with best-checkpoint
-selection (accuracy; ties go to the lower validation misfit), bf16 autocast on CUDA. A periodic
+selection (accuracy; ties go to the lower validation misfit), bf16 autocast on CUDA. Optionally
+(`average`) an exponential moving average of the weights is what is evaluated and kept. A periodic
 checkpoint (atomic) lets a restarted job resume.
 """
 
@@ -65,6 +66,10 @@ class TrainConfig:
     """Write the resumable checkpoint every this many steps, and at the end."""
     seed: int = 0
     """Seed of the mini-batch draws (with the step number), so a resumed run draws what the uninterrupted one would."""
+    average: float = 0.0
+    """Decay of an exponential moving average of the trained values (Polyak averaging). When > 0
+    the average, not the last iterate, is what each evaluation scores, what best-step selection
+    keeps and what the run returns; 0 (the default) keeps the raw iterates."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_rows", "checkpoint_every"):
@@ -75,6 +80,7 @@ class TrainConfig:
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.seed >= 0, "seed", "must be >= 0")
+        require(0 <= self.average < 1, "average", "must be in [0, 1)")
 
     @classmethod
     def for_job(cls, *, steps: int = 60, batch_size: int = 8, lr: float | None = None, prompt_lr: float | None = None, seed: int = 0) -> TrainConfig:
@@ -141,10 +147,15 @@ def train(
     warmup = max(1, int(config.warmup_ratio * config.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, max(0.0, (config.steps - s) / max(1, config.steps - warmup))))
     state = _State(best_score=None, best_step=0, best_values=None, history=[])
-    start = _resume(checkpoint, trainables, optimizer, schedule, state) if checkpoint else 0
+    average = _Average(trainables, config.average) if config.average else None
+    start = _resume(checkpoint, trainables, optimizer, schedule, state, average) if checkpoint else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.backbone.device.type == "cuda" else contextlib.nullcontext()
 
     def validate(done: int, loss_value: float) -> dict[str, float]:
+        with average.installed() if average else contextlib.nullcontext():
+            return scored(done, loss_value)
+
+    def scored(done: int, loss_value: float) -> dict[str, float]:
         _refresh(engine, tasks)
         per_task = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
         score = sum(m["accuracy"] for m in per_task.values()) / max(1, len(per_task))
@@ -172,6 +183,8 @@ def train(
         torch.nn.utils.clip_grad_norm_([t.param for t in trainables], config.max_grad_norm)
         optimizer.step()
         schedule.step()
+        if average:
+            average.update()
         loss_value = float(loss.detach())
         done = step + 1
         metrics = None
@@ -180,10 +193,11 @@ def train(
         if on_progress is not None:
             on_progress(Progress(done, last, loss_value, metrics))
         if checkpoint and (done % config.checkpoint_every == 0 or done == last):
-            _save(checkpoint, done, trainables, optimizer, schedule, state)
-    if state.best_values is not None:
+            _save(checkpoint, done, trainables, optimizer, schedule, state, average)
+    kept = state.best_values if state.best_values is not None else average.values if average else None
+    if kept is not None:
         with torch.no_grad():
-            for t, value in zip(trainables, state.best_values):
+            for t, value in zip(trainables, kept):
                 t.param.copy_(value)
     for t in trainables:
         t.param.requires_grad_(False)
@@ -202,6 +216,33 @@ class _State:
     best_loss: float = math.inf
 
 
+class _Average:
+    """An exponential moving average of the trained values, updated after every optimiser step;
+    `installed()` puts it in the parameters for a while (an evaluation), then the iterates return."""
+
+    def __init__(self, trainables: Sequence[Trainable], decay: float) -> None:
+        self.trainables, self.decay = trainables, decay
+        self.values = [t.param.detach().clone() for t in trainables]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for value, t in zip(self.values, self.trainables):
+            value.lerp_(t.param.detach(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def installed(self):
+        iterates = [t.param.detach().clone() for t in self.trainables]
+        with torch.no_grad():
+            for t, value in zip(self.trainables, self.values):
+                t.param.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, value in zip(self.trainables, iterates):
+                    t.param.copy_(value)
+
+
 def _mixed_batch(rows: Mapping[str, Sequence[Example]], names: list[str], size: int, rng: random.Random) -> list[Example]:
     """Tasks drawn uniformly per row, then a row of that task: small tasks are not drowned out."""
     return [rng.choice(rows[rng.choice(names)]) for _ in range(size)]
@@ -213,18 +254,24 @@ def _refresh(engine: Engine, tasks: Sequence[Task]) -> None:
         engine.tasks.refresh(task.name)
 
 
-def _save(path: Path, step: int, trainables: Sequence[Trainable], optimizer, schedule, state: _State) -> None:
+AVERAGE = "average:"  # checkpoint value names of the moving average (no trainable's name has a colon)
+
+
+def _save(path: Path, step: int, trainables: Sequence[Trainable], optimizer, schedule, state: _State, average: _Average | None) -> None:
     bookkeeping = {"best_score": state.best_score, "best_step": state.best_step, "history": state.history, "best_loss": state.best_loss}
-    checkpoints.save(path, step, {t.name: t.param for t in trainables}, optimizer.state_dict(), schedule.state_dict(), bookkeeping, state.best_values)
+    values = {t.name: t.param for t in trainables} | ({AVERAGE + t.name: v for t, v in zip(trainables, average.values)} if average else {})
+    checkpoints.save(path, step, values, optimizer.state_dict(), schedule.state_dict(), bookkeeping, state.best_values)
 
 
-def _resume(path: Path, trainables: Sequence[Trainable], optimizer, schedule, state: _State) -> int:
+def _resume(path: Path, trainables: Sequence[Trainable], optimizer, schedule, state: _State, average: _Average | None) -> int:
     saved = checkpoints.load(path)
     if saved is None:
         return 0
     with torch.no_grad():
         for t in trainables:
             t.param.copy_(saved["values"][t.name].to(t.param.device))
+        if average:
+            average.values = [saved["values"][AVERAGE + t.name].to(t.param.device) for t in trainables]
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
     book = saved["state"]

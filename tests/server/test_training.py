@@ -36,7 +36,8 @@ def test_classification_metrics_by_hand() -> None:
     assert m["f1_macro"] == pytest.approx((2 / 3 + 0.8) / 2)  # F1(a) = 2·1/(2+0+1), F1(b) = 2·2/(4+1+0)
 
 
-def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("average", [0.0, 0.8])
+def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path: Path, average: float) -> None:
     def run(checkpoint: Path | None, stop_after: int | None = None) -> torch.Tensor:
         engine = make_engine("llama")
         task = engine.tasks.new("t", "prompt_tuning", SPEC, seed=1).on(engine.backbone.device)
@@ -48,9 +49,11 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> N
             calls["n"] += 1
             return stop_after is not None and calls["n"] > stop_after
 
-        config = TrainConfig(steps=10, batch_size=4, checkpoint_every=5, eval_every=5, seed=3)
+        config = TrainConfig(steps=10, batch_size=4, checkpoint_every=5, eval_every=5, seed=3, average=average)
         try:
-            train(engine, [task], {"t": rows("t", 12)}, {"t": rows("t", 4)}, trainables, config, checkpoint=checkpoint, should_stop=stop)
+            # averaged: no validation, so the run returns the average itself (which the checkpoint must carry)
+            validation = {} if average else {"t": rows("t", 4)}
+            train(engine, [task], {"t": rows("t", 12)}, validation, trainables, config, checkpoint=checkpoint, should_stop=stop)
         except Cancelled:
             return None
         return task.params["prompt"].detach().clone()
@@ -61,6 +64,23 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> N
     resumed = run(tmp_path / "ckpt.pt")
     assert torch.allclose(resumed, straight, atol=1e-6)
     assert not torch.equal(straight, make_engine("llama").tasks.new("t", "prompt_tuning", SPEC, seed=1).params["prompt"])
+
+
+def test_with_averaging_the_run_returns_the_moving_average_of_its_iterates() -> None:
+    """average = β: after every step a ← β·a + (1 − β)·θ, from a = the start; without validation
+    rows the run ends holding a, not the last iterate θ."""
+    engine = make_engine("llama")
+    task = engine.tasks.new("t", "prompt_tuning", SPEC, seed=1).on(engine.backbone.device)
+    engine.tasks.add(task)
+    iterates = [task.params["prompt"].detach().clone()]
+    config = TrainConfig(steps=6, batch_size=4, seed=3, average=0.7)
+    train(engine, [task], {"t": rows("t", 12)}, {}, recipe_for("prompt_tuning").trainables(task), config,
+          on_progress=lambda p: iterates.append(task.params["prompt"].detach().clone()))
+    expected = iterates[0]
+    for theta in iterates[1:]:
+        expected = 0.7 * expected + 0.3 * theta
+    assert len(iterates) == 7 and not torch.allclose(expected, iterates[-1], atol=1e-4)
+    assert torch.allclose(task.params["prompt"], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
