@@ -58,13 +58,14 @@ def perturb(engine: Engine, scale: float = 0.2, seed: int = 0) -> Engine:
     return engine
 
 
-def make_engine(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32, config: EngineConfig | None = None) -> Engine:
+def make_engine(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32, config: EngineConfig | None = None, **method_configs) -> Engine:
+    """A tiny engine with every method; `method_configs` (method id -> config) replace SMALL_CONFIGS' ones."""
     backbone = tiny_t5() if kind == "t5" else tiny_llama()
     backbone.model.to(device=device, dtype=dtype)
     form = None if kind == "t5" else tiny_form()
     if form is not None:
         form.model.to(device)
-    return perturb(Engine(backbone, form, default_methods(backbone, form, **SMALL_CONFIGS), config))
+    return perturb(Engine(backbone, form, default_methods(backbone, form, **(SMALL_CONFIGS | method_configs)), config))
 
 
 def add_tasks(engine: Engine, per_method: int = 2, spec: TaskSpec = CLASSIFY) -> list[str]:

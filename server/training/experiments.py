@@ -71,7 +71,8 @@ def multitask(
     trained) and the tasks with their test metrics. Returns the per-task report. With
     `checkpoints` (a folder) every stage checkpoints there and a rerun of the same command resumes
     where the last one stopped (the plan is seeded, so it is rebuilt identically); the folder is
-    removed once everything is published."""
+    removed once everything is published. The published tasks are then served by `engine` under
+    their published names, as a process attached to the store would serve them."""
     plan = recipe_for(method).multitask(Workbench(engine), {n: data[n].spec for n in names}, config.seed)
     version = engine.tasks.versions[method]
     if plan.trains_shared:  # tasks are served with the version about to be published
@@ -108,6 +109,7 @@ def multitask(
             frozen = frozen_copy(task, served_name(task.name, method))
             frozen.version = store.registry.next_version(frozen.name)
             store.publish(frozen, engine.backbone.fingerprint, {"trained_with": method, **report["tasks"][task.name]})
+            engine.tasks.add(frozen)  # served here too: a method trained next in this process may build on it (ATTEMPT's sources)
         report["module_version"] = version
         if checkpoints:
             for stage in plan.stages:

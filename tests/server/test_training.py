@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from adapters_store.store import Store
-from helpers import METHODS, make_engine
+from helpers import METHODS, SMALL_CONFIGS, make_engine
 from server.data.spec import TaskSpec
 from server.engine import Example, Request
 from server.training.evaluate import classification_metrics
 from server.training.experiments import TaskData, multitask
 from server.methods import recipe_for
+from server.methods.prompt_tuning import PromptConfig
 from server.methods.recipe import served_name
 from server.store_sync import attach
 from server.training.workbench import Workbench
@@ -116,6 +117,22 @@ def test_attempt_takes_its_source_prompts_from_the_prompt_tuned_mix() -> None:
     plan = recipe_for("attempt").multitask(Workbench(engine), {"a": SPEC, "b": SPEC}, seed=0)
     assert [stage.name for stage in plan.stages] == ["attention"]
     assert torch.equal(plan.module.sources.cpu(), torch.stack([prompts["a"], prompts["b"]]))
+
+
+def test_attempt_trained_after_prompt_tuning_in_one_process_takes_the_published_prompts(tmp_path: Path) -> None:
+    """`taskserve train --method all`: prompt tuning publishes the mix's tasks and serves them, so
+    ATTEMPT, next, installs them as its sources instead of training its own (prompts of its length)."""
+    engine = make_engine("llama", prompt_tuning=PromptConfig(n_virtual=SMALL_CONFIGS["attempt"].n_virtual))
+    store = Store(tmp_path)
+    attach(store, engine)
+    data = {name: TaskData(SPEC, rows(name, 8), rows(name, 4), rows(name, 4)) for name in ("a", "b")}
+    multitask(engine, store, "prompt_tuning", ["a", "b"], data, TrainConfig(steps=2, batch_size=4, eval_every=2))
+    plan = recipe_for("attempt").multitask(Workbench(engine), {"a": SPEC, "b": SPEC}, seed=0)
+    assert [stage.name for stage in plan.stages] == ["attention"]
+    fresh = make_engine("llama")
+    attach(Store(tmp_path), fresh)  # what the store holds, read back
+    published = [fresh.tasks[served_name(n, "prompt_tuning")].params["prompt"].cpu() for n in ("a", "b")]
+    assert torch.equal(plan.module.sources.cpu(), torch.stack(published))
 
 
 def test_best_step_is_the_highest_validation_accuracy_then_the_lowest_validation_loss() -> None:
