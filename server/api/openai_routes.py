@@ -29,7 +29,7 @@ from server.api.openai_schemas import ChatCompletionRequest, ChatMessage, Comple
 from server.api.state import AppState, State, while_connected
 from server.decoding import TokenEvent
 from server.engine import Result
-from server.errors import NotFound
+from server.errors import NotFound, TaskservError
 from server.task import Request as Row
 
 router = APIRouter()
@@ -183,7 +183,7 @@ async def _stream(state: AppState, head: dict[str, Any], rows: list[Row], *, cha
             try:
                 results = job.result()
             except Exception as exc:  # noqa: BLE001 - the stream has started: the error goes in the stream
-                error = getattr(exc, "to_dict", lambda: {"error": {"type": "internal", "message": str(exc)}})()
+                error = exc.to_dict() if isinstance(exc, TaskservError) else {"error": {"type": "internal", "message": str(exc)}}
                 yield f"data: {json.dumps(error)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
