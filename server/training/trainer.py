@@ -153,9 +153,9 @@ def train(
 
     def validate(done: int, loss_value: float) -> dict[str, float]:
         with average.installed() if average else contextlib.nullcontext():
-            return scored(done, loss_value)
+            return _validated(done, loss_value)
 
-    def scored(done: int, loss_value: float) -> dict[str, float]:
+    def _validated(done: int, loss_value: float) -> dict[str, float]:
         _refresh(engine, tasks)
         per_task = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
         score = sum(m["accuracy"] for m in per_task.values()) / max(1, len(per_task))
@@ -194,11 +194,10 @@ def train(
             on_progress(Progress(done, last, loss_value, metrics))
         if checkpoint and (done % config.checkpoint_every == 0 or done == last):
             _save(checkpoint, done, trainables, optimizer, schedule, state, average)
-    kept = state.best_values if state.best_values is not None else average.values if average else None
-    if kept is not None:
-        with torch.no_grad():
-            for t, value in zip(trainables, kept):
-                t.param.copy_(value)
+    if state.best_values is not None:
+        _assign(trainables, state.best_values)
+    elif average:
+        _assign(trainables, average.values)
     for t in trainables:
         t.param.requires_grad_(False)
     _refresh(engine, tasks)
@@ -232,15 +231,18 @@ class _Average:
     @contextlib.contextmanager
     def installed(self):
         iterates = [t.param.detach().clone() for t in self.trainables]
-        with torch.no_grad():
-            for t, value in zip(self.trainables, self.values):
-                t.param.copy_(value)
+        _assign(self.trainables, self.values)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for t, value in zip(self.trainables, iterates):
-                    t.param.copy_(value)
+            _assign(self.trainables, iterates)
+
+
+@torch.no_grad()
+def _assign(trainables: Sequence[Trainable], values: Sequence[torch.Tensor]) -> None:
+    """Copy `values` into the trainables' parameters, in order."""
+    for t, value in zip(trainables, values):
+        t.param.copy_(value)
 
 
 def _mixed_batch(rows: Mapping[str, Sequence[Example]], names: list[str], size: int, rng: random.Random) -> list[Example]:
@@ -267,11 +269,9 @@ def _resume(path: Path, trainables: Sequence[Trainable], optimizer, schedule, st
     saved = checkpoints.load(path)
     if saved is None:
         return 0
-    with torch.no_grad():
-        for t in trainables:
-            t.param.copy_(saved["values"][t.name].to(t.param.device))
-        if average:
-            average.values = [saved["values"][AVERAGE + t.name].to(t.param.device) for t in trainables]
+    _assign(trainables, [saved["values"][t.name].to(t.param.device) for t in trainables])
+    if average:
+        average.values = [saved["values"][AVERAGE + t.name].to(t.param.device) for t in trainables]
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
     book = saved["state"]
