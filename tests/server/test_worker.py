@@ -175,3 +175,32 @@ def test_lease_expiry_fails_a_job_after_its_attempts(deployment) -> None:
     assert job["status"] == "failed" and "lease" in job["error"]
     assert store.registry.get_task("doomed")["status"] == "failed"
     assert store.registry.renew_job(job_id, "dead-2", 10) == "lost"
+
+
+def test_the_embedded_worker_yields_the_cpu_to_serving(deployment) -> None:
+    """`taskserve serve`'s worker (started as the server starts it, settings through its environment)
+    runs at `worker_nice`, and the server itself keeps its own priority."""
+    import asyncio
+
+    from server.api.supervisor import WorkerProcess
+
+    settings, _ = deployment
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    if own >= 19:
+        pytest.skip("this test process already runs at the lowest priority: nothing to lower")
+    settings = settings.model_copy(update={"worker_nice": min(19, own + 7)})
+
+    async def niceness_of_the_worker() -> int:
+        worker = WorkerProcess(settings)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 120
+            while (nice := os.getpriority(os.PRIO_PROCESS, worker.process.pid)) == own:  # set first thing at start
+                assert time.monotonic() < deadline and worker.process.poll() is None
+                await asyncio.sleep(0.05)
+            return nice
+        finally:
+            await worker.stop()
+
+    assert asyncio.run(niceness_of_the_worker()) == min(19, own + 7)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own
