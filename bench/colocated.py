@@ -30,8 +30,10 @@ from bench.jobs import examples, task_rows
 from bench.run import device_name
 from bench.serve import RESULTS, REVIEWS, ROOT, percentile, start_server
 from server.data import catalog
+from server.methods import method_for_peft
 
-JOB_TASK, JOB_METHOD, JOB_K = "tweet-sentiment", "prompt_tuning", 32
+JOB_TASK, JOB_K = "tweet-sentiment", 32
+JOB_METHOD = method_for_peft("PROMPT_TUNING")  # the job trained, and the demo task predicted beside it
 
 
 async def latencies(client: httpx.AsyncClient, task: str, *, seconds: float | None = None, n: int | None = None) -> list[float]:
