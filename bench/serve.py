@@ -55,7 +55,9 @@ def start_server(store: Path, port: int, dtype: str, threads: int | None, **sett
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TASKSERVE_STORE": str(store), "TASKSERVE_PORT": str(port), "TASKSERVE_EMBEDDED_WORKER": "false",
            "TASKSERVE_DTYPE": dtype, "TASKSERVE_SEED_STORE": str(ROOT / "demo_store"), **({"TASKSERVE_THREADS": str(threads)} if threads else {}),
            **{f"TASKSERVE_{name.upper()}": value for name, value in settings.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = store.with_name(f"{store.name}.log")  # a file, not a pipe nobody drains: a chatty server (its worker too) never blocks on it
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
@@ -63,7 +65,7 @@ def start_server(store: Path, port: int, dtype: str, threads: int | None, **sett
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"taskserve serve exited: {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"taskserve serve exited: {log.read_text()[-2000:]}")
         time.sleep(0.5)
     raise SystemExit("taskserve serve did not become ready")
 
