@@ -13,6 +13,7 @@ STORE=${STORE:-build/few-shot-store}
 SEED_STORE=${SEED_STORE:-demo_store}  # what the fresh store is seeded from
 METHODS=${METHODS:-}
 PORT=${PORT:-8137}
+mkdir -p build "$(dirname "$STORE")"  # a fresh clone has no build/ yet
 export HF_HUB_OFFLINE=1 TASKSERVE_STORE=$STORE TASKSERVE_SEED_STORE=$SEED_STORE TASKSERVE_PORT=$PORT TASKSERVE_API_KEY=${TASKSERVE_API_KEY:-few-shot-table}
 .venv/bin/taskserve serve > build/few-shot-server.log 2>&1 &
 server=$!

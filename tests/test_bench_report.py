@@ -1,0 +1,34 @@
+"""bench.report's few-shot acceptance checks compare what the table prints (points), not float noise."""
+
+import json
+
+from bench.report import METHODS, default_jobs_table
+
+
+def write_jobs(folder, baseline, accuracies):
+    method = METHODS[0]  # any trainable method: the checks do not depend on which
+    records = [{"task": "held-out", "method": "ip zero-shot", "k": 0, "seed": None, "test": {"accuracy": baseline}, "metrics": {}}]
+    records += [{"task": "held-out", "method": method, "k": 32, "seed": seed, "test": {"accuracy": acc}, "metrics": {"chosen": "step 10"}}
+                for seed, acc in enumerate(accuracies)]
+    (folder / "jobs-default.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return method
+
+
+def checks_row(table, method):
+    row = next(line for line in table.splitlines() if f"| {method} | 32 |" in line)
+    return [cell.strip() for cell in row.strip("|").split("|")][-3:]  # mean ≥ base+5, min ≥ base, spread ≤ 4
+
+
+def test_a_spread_of_exactly_four_points_meets_the_criterion(tmp_path):
+    method = write_jobs(tmp_path, 0.47, [0.90, 0.93, 0.89])  # spread 4.0 points, 0.04000000000000004 in floats
+    assert checks_row(default_jobs_table(tmp_path), method) == ["yes", "yes", "yes"]
+
+
+def test_a_spread_over_four_points_and_a_seed_below_the_baseline_fail(tmp_path):
+    method = write_jobs(tmp_path, 0.60, [0.59, 0.90, 0.90])  # mean 0.797 ≥ 0.65; min 0.59 < 0.60; spread 31 points
+    assert checks_row(default_jobs_table(tmp_path), method) == ["yes", "**no**", "**no**"]
+
+
+def test_a_mean_exactly_five_points_above_the_baseline_meets_the_criterion(tmp_path):
+    method = write_jobs(tmp_path, 0.55, [0.60, 0.60, 0.60])  # 0.55 + 0.05 is 0.6000000000000001 in floats
+    assert checks_row(default_jobs_table(tmp_path), method) == ["yes", "yes", "yes"]
