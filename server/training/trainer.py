@@ -5,7 +5,7 @@ The backbone is frozen; what trains is whatever the caller (a recipe) passes: pe
 PHA's retriever + hypernetwork + shared adapters, ATTEMPT's attention module). The seeds' recipe:
 AdamW with linear warmup then linear decay, gradient clipping, lr 0.3 for soft prompts and 3e-4
 for networks, mini-batches that mix tasks (ATTEMPT §3.3), validation with best-checkpoint
-selection (accuracy; ties go to the lower validation misfit), bf16 autocast on CUDA. Optionally
+selection (accuracy; ties go to the lower validation misfit), bf16 autocast on CUDA (`autocast`). Optionally
 (`average`) an exponential moving average of the weights is what is evaluated and kept. A periodic
 checkpoint (atomic) lets a restarted job resume.
 """
@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -66,6 +66,10 @@ class TrainConfig:
     """Write the resumable checkpoint every this many steps, and at the end."""
     seed: int = 0
     """Seed of the mini-batch draws (with the step number), so a resumed run draws what the uninterrupted one would."""
+    autocast: Literal["auto", "bfloat16", "off"] = "auto"
+    """Mixed precision of the training forward and backward (the trained values, their gradients and
+    the optimiser state stay fp32; validation runs without it): `auto` is bf16 autocast on CUDA and
+    off on CPU, `bfloat16` turns it on anywhere (a CPU with native bf16 runs its matmuls ~2x faster)."""
     average: float = 0.0
     """Decay of an exponential moving average of the trained values (Polyak averaging). When > 0
     the average, not the last iterate, is what each evaluation scores, what best-step selection
@@ -81,6 +85,7 @@ class TrainConfig:
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.seed >= 0, "seed", "must be >= 0")
         require(0 <= self.average < 1, "average", "must be in [0, 1)")
+        require(self.autocast in ("auto", "bfloat16", "off"), "autocast", "must be auto, bfloat16 or off")
 
     @classmethod
     def for_job(cls, *, steps: int = 60, batch_size: int = 8, lr: float | None = None, prompt_lr: float | None = None, seed: int = 0) -> TrainConfig:
@@ -149,7 +154,9 @@ def train(
     state = _State(best_score=None, best_step=0, best_values=None, history=[])
     average = _Average(trainables, config.average) if config.average else None
     start = _resume(checkpoint, trainables, optimizer, schedule, state, average) if checkpoint else 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.backbone.device.type == "cuda" else contextlib.nullcontext()
+    device = engine.backbone.device
+    mixed = config.autocast == "bfloat16" or (config.autocast == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
 
     def validate(done: int, loss_value: float) -> dict[str, float]:
         with average.installed() if average else contextlib.nullcontext():

@@ -84,6 +84,28 @@ def test_with_averaging_the_run_returns_the_moving_average_of_its_iterates() -> 
     assert torch.allclose(task.params["prompt"], expected, atol=1e-6)
 
 
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_trains_fp32_values() -> None:
+    """autocast="bfloat16" on CPU: the backbone's linear layers compute in bf16 during the training
+    steps only (validation and serving stay in the engine's dtype); the prompt, its gradient and
+    the optimiser state stay fp32, and the training loss falls."""
+    engine = make_engine("llama")
+    task = engine.tasks.new("t", "prompt_tuning", SPEC, seed=1).on(engine.backbone.device)
+    engine.tasks.add(task)
+    train_rows = rows("t", 12)
+    linear = next(m for m in engine.backbone.model.modules() if isinstance(m, torch.nn.Linear))
+    seen: list[torch.dtype] = []
+    linear.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    before = float(engine.loss(train_rows)["lm"])
+    per_step = len(seen)  # the layer's calls in one loss (the prompt pass, and the label pass of longer labels)
+    assert set(seen) == {torch.float32}  # outside training: the engine's fp32
+    config = TrainConfig(steps=20, batch_size=4, seed=3, autocast="bfloat16", prompt_lr=0.3)
+    train(engine, [task], {"t": train_rows}, {}, recipe_for("prompt_tuning").trainables(task), config)
+    steps = seen[per_step : per_step * 21]
+    assert steps == [torch.bfloat16] * (20 * per_step) and set(seen[per_step * 21 :]) <= {torch.float32}  # any evaluation after them: fp32
+    assert task.params["prompt"].dtype == torch.float32
+    assert float(engine.loss(train_rows)["lm"]) < before - 0.1
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_multitask_publishes_modules_and_tasks_a_fresh_process_serves_identically(method: str, tmp_path: Path) -> None:
     engine = make_engine("llama")
