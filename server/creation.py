@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -161,15 +161,18 @@ def train_job(
     on_progress: Callable[[str, Progress], None] | None = None,
     checkpoints: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    autocast: str = "auto",
 ) -> tuple[Task, dict[str, Any]]:
     """Train an accepted job's task (`training.few_shot.learn`: selection by cross-validation over
     the examples, the zero-shot guard); returns the task to publish (host tensors) and the metrics
-    its job and manifest record — what the selection weighed, what it chose and why."""
+    its job and manifest record — what the selection weighed, what it chose and why. `autocast`:
+    the worker's `train_autocast` (TrainConfig.autocast)."""
     body = creation.body
     rows = [Example(body.name, r.text, r.label) for r in creation.rows or []]
+    config = replace(body.train_config(), autocast=autocast)
     started = time.monotonic()
     learned = learn(
-        engine, body.name, body.method, creation.spec, rows, creation.init, body.train_config(),
+        engine, body.name, body.method, creation.spec, rows, creation.init, config,
         folds=body.train.folds, on_progress=on_progress, checkpoints=checkpoints, should_stop=should_stop,
     )
     metrics = {
@@ -182,6 +185,7 @@ def train_job(
         "selection": learned.selection,
         **({"final_fit": learned.final_fit} if learned.final_fit else {}),
         "seconds": round(time.monotonic() - started, 1),
+        "training_dtype": "bfloat16 autocast" if config.mixed_precision(engine.backbone.device) else str(engine.backbone.dtype).removeprefix("torch."),
         **({"notes": learned.notes} if learned.notes else {}),
     }
     return learned.task, metrics

@@ -185,6 +185,10 @@ class Settings(BaseSettings):
     """The niceness a training worker runs at (raised to it, never lowered): a worker beside the server
     (embedded, or a compose service on the same host) yields the CPU to serving while a job trains."""
 
+    train_autocast: Literal["auto", "bfloat16", "off"] = "auto"
+    """Mixed precision of a job's training steps (trained values stay fp32): `auto` is bf16 autocast on
+    CUDA and off on CPU; `bfloat16` turns it on for a CPU with native bf16 (faster, not the default)."""
+
     threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads (the engine's matmuls); default: the CPUs this process may run on."""
 

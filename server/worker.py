@@ -107,7 +107,8 @@ class Worker:
         attach(self.store, self.engine)  # current shared modules and peers (TPV's and PHA's inits use them)
         accepted = creation.prepare(TaskCreate.model_validate(job["request"]), self.engine, self.settings)
         lease = _Lease(self, job["id"])
-        task, metrics = creation.train_job(accepted, self.engine, on_progress=lease.progress, checkpoints=self._job_dir(job["id"]), should_stop=lease.cancelled)
+        task, metrics = creation.train_job(accepted, self.engine, on_progress=lease.progress, checkpoints=self._job_dir(job["id"]), should_stop=lease.cancelled,
+                                             autocast=self.settings.train_autocast)
         if lease.cancelled():
             raise Cancelled("training was cancelled")
         task.version = self.store.next_version(task.name)

@@ -96,6 +96,10 @@ class TrainConfig:
             eval_every=max(5, steps // 6), checkpoint_every=max(10, steps // 10), seed=seed,
         )
 
+    def mixed_precision(self, device: torch.device) -> bool:
+        """Whether training steps on `device` run under bf16 autocast."""
+        return self.autocast == "bfloat16" or (self.autocast == "auto" and device.type == "cuda")
+
     def prompt_lr_for(self, embedding: torch.Tensor) -> float:
         """The soft-prompt learning rate on a backbone with this input embedding table [vocab, d]."""
         if self.prompt_lr is not None:
@@ -155,8 +159,7 @@ def train(
     average = _Average(trainables, config.average) if config.average else None
     start = _resume(checkpoint, trainables, optimizer, schedule, state, average) if checkpoint else 0
     device = engine.backbone.device
-    mixed = config.autocast == "bfloat16" or (config.autocast == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.mixed_precision(device) else contextlib.nullcontext()
 
     def validate(done: int, loss_value: float) -> dict[str, float]:
         with average.installed() if average else contextlib.nullcontext():

@@ -111,8 +111,19 @@ def test_worker_runs_jobs_for_every_method_and_other_tasks_stay_bit_identical(de
         assert job["status"] == "succeeded", job["error"]
         assert job["progress"]["step"] == job["progress"]["total"] == 2 * 12 + job["metrics"]["steps_trained"]  # two folds, then the final fit
         assert job["metrics"]["examples"] == len(ROWS) and job["metrics"]["validation"]["rows"] == len(ROWS)
+        assert job["metrics"]["training_dtype"] == "float32"  # train_autocast auto: fp32 on a CPU
         assert store.registry.get_task(f"new-{method}")["status"] == "ready"
         assert serving.run([Request(f"new-{method}", "aaaa film")])[0].task_version == 1
+
+
+def test_a_worker_with_bf16_autocast_trains_its_jobs_under_it(deployment) -> None:
+    settings, store = deployment
+    worker = Worker(settings.model_copy(update={"train_autocast": "bfloat16"}), build_engine(settings, training=True), Store(settings.store), name="w1")
+    job_id = submit(store, body("bf16-job", "prompt_tuning", steps=6))
+    assert worker.run_once()
+    job = store.registry.get_job(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["training_dtype"] == "bfloat16 autocast"
 
 
 def test_cancelled_and_invalid_jobs(deployment) -> None:
