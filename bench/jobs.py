@@ -52,12 +52,25 @@ def examples(data: TaskData, k: int, seed: int) -> list[LabeledText]:
     return few_shot([LabeledText(e.text, e.target) for e in data.train], k, seed)
 
 
+def _post(client: httpx.Client, path: str, body: dict, attempts: int = 5) -> httpx.Response:
+    """POST, retried while the server answers 503 (not ready, registry unavailable, overloaded: each
+    says to come back) after its Retry-After; the reason is printed, so a sweep shows why it waited."""
+    answer = client.post(path, json=body)
+    for _ in range(attempts - 1):
+        if answer.status_code != 503:
+            break
+        print(f"{path}: 503 {answer.text[:300]}; retrying", file=sys.stderr, flush=True)
+        time.sleep(float(answer.headers.get("Retry-After", 2)))
+        answer = client.post(path, json=body)
+    answer.raise_for_status()
+    return answer
+
+
 def _score(client: httpx.Client, name: str, test: list, labels: tuple[str, ...]) -> dict:
     predicted = []
     for start in range(0, len(test), 64):
         chunk = test[start : start + 64]
-        answer = client.post("/v1/predict", json={"inputs": [{"task": name, "text": e.text} for e in chunk]})
-        answer.raise_for_status()
+        answer = _post(client, "/v1/predict", {"inputs": [{"task": name, "text": e.text} for e in chunk]})
         predicted += [r["label"] for r in answer.json()["results"]]
     return classification_metrics([e.target for e in test], predicted, list(labels))
 
@@ -67,8 +80,7 @@ def baseline(client: httpx.Client, task: str, eval_rows: int, stamp: str) -> dic
     data = task_rows(task, eval_rows)
     spec = catalog.get(task)
     name = f"zs-{task}-{stamp}"[:64]
-    created = client.post("/v1/tasks", json={"name": name, "method": BASELINE, "description": spec.description, "labels": list(spec.labels)})
-    created.raise_for_status()
+    created = _post(client, "/v1/tasks", {"name": name, "method": BASELINE, "description": spec.description, "labels": list(spec.labels)})
     try:
         return _score(client, name, data.test[:eval_rows], spec.labels)
     finally:
@@ -83,8 +95,7 @@ def run_job(client: httpx.Client, task: str, method: str, k: int, seed: int, eva
     body = {"name": name, "method": method, "description": spec.description, "labels": list(spec.labels),
             "examples": [{"text": e.text, "label": e.label} for e in shots]}
     started = time.monotonic()
-    created = client.post("/v1/tasks", json=body)
-    created.raise_for_status()
+    created = _post(client, "/v1/tasks", body)
     job_id = created.json()["job"]
     while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
         time.sleep(2)
