@@ -186,8 +186,9 @@ class Settings(BaseSettings):
     (embedded, or a compose service on the same host) yields the CPU to serving while a job trains."""
 
     train_autocast: Literal["auto", "bfloat16", "off"] = "auto"
-    """Mixed precision of a job's training steps (trained values stay fp32): `auto` is bf16 autocast on
-    CUDA and off on CPU; `bfloat16` turns it on for a CPU with native bf16 (faster, not the default)."""
+    """Mixed precision of a job's training steps (trained values, gradients and optimiser state stay
+    fp32): `auto` is bf16 autocast on CUDA and on a CPU with native bf16 (~1.4x faster jobs there, as
+    accurate: docs/results.md), off elsewhere; `bfloat16` / `off` force it."""
 
     threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads (the engine's matmuls); default: the CPUs this process may run on."""
@@ -244,6 +245,14 @@ class Settings(BaseSettings):
             native = device == "cuda" or (device == "cpu" and cpu_has_native_bf16() and not training)
             return torch.bfloat16 if native else torch.float32
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    def resolved_train_autocast(self) -> Literal["bfloat16", "off"]:
+        """`train_autocast` resolved: `auto` is bfloat16 where bf16 is native (CUDA, an AVX-512-BF16 /
+        AMX CPU), off elsewhere (emulated bf16 would train slower than fp32)."""
+        if self.train_autocast != "auto":
+            return self.train_autocast
+        device = self.resolved_device().type
+        return "bfloat16" if device == "cuda" or (device == "cpu" and cpu_has_native_bf16()) else "off"
 
     def resolved_threads(self) -> int:
         """Torch threads: `threads`, else the CPUs this process may run on."""

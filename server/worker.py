@@ -108,7 +108,7 @@ class Worker:
         accepted = creation.prepare(TaskCreate.model_validate(job["request"]), self.engine, self.settings)
         lease = _Lease(self, job["id"])
         task, metrics = creation.train_job(accepted, self.engine, on_progress=lease.progress, checkpoints=self._job_dir(job["id"]), should_stop=lease.cancelled,
-                                             autocast=self.settings.train_autocast)
+                                             autocast=self.settings.resolved_train_autocast())
         if lease.cancelled():
             raise Cancelled("training was cancelled")
         task.version = self.store.next_version(task.name)

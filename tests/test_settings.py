@@ -67,6 +67,11 @@ def test_resolved_device_and_dtype() -> None:
     assert cpu.resolved_dtype(training=True) == torch.float32  # training on a CPU stays fp32
     assert Settings(device="cuda:1").resolved_dtype() == torch.bfloat16  # resolving needs no GPU
     assert Settings(device="cpu", dtype="float16").resolved_dtype() == torch.float16
+    # a job's training steps: bf16 autocast where bf16 is native, fp32 elsewhere, unless forced
+    assert cpu.resolved_train_autocast() == ("bfloat16" if native_bf16 else "off")
+    assert Settings(device="cuda").resolved_train_autocast() == "bfloat16"
+    assert Settings(device="cpu", train_autocast="off").resolved_train_autocast() == "off"
+    assert Settings(device="cpu", train_autocast="bfloat16").resolved_train_autocast() == "bfloat16"
 
 
 def test_import_does_not_import_torch() -> None:

@@ -27,6 +27,9 @@ from server.training.trainer import TrainConfig
 from server.worker import Worker
 from serving import save_tiny_models
 
+# read here independently of the code under test: train_autocast=auto is bf16 on such a CPU
+NATIVE_BF16 = any(f in Path("/proc/cpuinfo").read_text().split() for f in ("avx512_bf16", "amx_bf16")) if Path("/proc/cpuinfo").exists() else False
+
 # the template ends in a space, so the byte-level labels are told apart by their first byte ("n" / "p"):
 # a tiny random model learns any label prior with any method this way
 SPEC = TaskSpec(template="Review: {text}\nSentiment: ", labels=("negative", "positive"), description="Tell me the sentiment of the review:", scoring="first")
@@ -111,7 +114,7 @@ def test_worker_runs_jobs_for_every_method_and_other_tasks_stay_bit_identical(de
         assert job["status"] == "succeeded", job["error"]
         assert job["progress"]["step"] == job["progress"]["total"] == 2 * 12 + job["metrics"]["steps_trained"]  # two folds, then the final fit
         assert job["metrics"]["examples"] == len(ROWS) and job["metrics"]["validation"]["rows"] == len(ROWS)
-        assert job["metrics"]["training_dtype"] == "float32"  # train_autocast auto: fp32 on a CPU
+        assert job["metrics"]["training_dtype"] == ("bfloat16 autocast" if NATIVE_BF16 else "float32")  # train_autocast auto
         assert store.registry.get_task(f"new-{method}")["status"] == "ready"
         assert serving.run([Request(f"new-{method}", "aaaa film")])[0].task_version == 1
 
@@ -124,6 +127,16 @@ def test_a_worker_with_bf16_autocast_trains_its_jobs_under_it(deployment) -> Non
     job = store.registry.get_job(job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["metrics"]["training_dtype"] == "bfloat16 autocast"
+
+
+def test_a_worker_with_autocast_off_trains_its_jobs_in_fp32(deployment) -> None:
+    settings, store = deployment
+    worker = Worker(settings.model_copy(update={"train_autocast": "off"}), build_engine(settings, training=True), Store(settings.store), name="w1")
+    job_id = submit(store, body("fp32-job", "prompt_tuning", steps=6))
+    assert worker.run_once()
+    job = store.registry.get_job(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["training_dtype"] == "float32"
 
 
 def test_cancelled_and_invalid_jobs(deployment) -> None:
