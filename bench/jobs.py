@@ -80,7 +80,7 @@ def baseline(client: httpx.Client, task: str, eval_rows: int, stamp: str) -> dic
     data = task_rows(task, eval_rows)
     spec = catalog.get(task)
     name = f"zs-{task}-{stamp}"[:64]
-    created = _post(client, "/v1/tasks", {"name": name, "method": BASELINE, "description": spec.description, "labels": list(spec.labels)})
+    _post(client, "/v1/tasks", {"name": name, "method": BASELINE, "description": spec.description, "labels": list(spec.labels)})
     try:
         return _score(client, name, data.test[:eval_rows], spec.labels)
     finally:

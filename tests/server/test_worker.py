@@ -119,24 +119,15 @@ def test_worker_runs_jobs_for_every_method_and_other_tasks_stay_bit_identical(de
         assert serving.run([Request(f"new-{method}", "aaaa film")])[0].task_version == 1
 
 
-def test_a_worker_with_bf16_autocast_trains_its_jobs_under_it(deployment) -> None:
+@pytest.mark.parametrize(("train_autocast", "trained_in"), [("bfloat16", "bfloat16 autocast"), ("off", "float32")])
+def test_a_worker_trains_its_jobs_in_the_precision_its_settings_name(deployment, train_autocast: str, trained_in: str) -> None:
     settings, store = deployment
-    worker = Worker(settings.model_copy(update={"train_autocast": "bfloat16"}), build_engine(settings, training=True), Store(settings.store), name="w1")
-    job_id = submit(store, body("bf16-job", "prompt_tuning", steps=6))
+    worker = Worker(settings.model_copy(update={"train_autocast": train_autocast}), build_engine(settings, training=True), Store(settings.store), name="w1")
+    job_id = submit(store, body(f"{train_autocast}-job", "prompt_tuning", steps=6))
     assert worker.run_once()
     job = store.registry.get_job(job_id)
     assert job["status"] == "succeeded", job["error"]
-    assert job["metrics"]["training_dtype"] == "bfloat16 autocast"
-
-
-def test_a_worker_with_autocast_off_trains_its_jobs_in_fp32(deployment) -> None:
-    settings, store = deployment
-    worker = Worker(settings.model_copy(update={"train_autocast": "off"}), build_engine(settings, training=True), Store(settings.store), name="w1")
-    job_id = submit(store, body("fp32-job", "prompt_tuning", steps=6))
-    assert worker.run_once()
-    job = store.registry.get_job(job_id)
-    assert job["status"] == "succeeded", job["error"]
-    assert job["metrics"]["training_dtype"] == "float32"
+    assert job["metrics"]["training_dtype"] == trained_in
 
 
 def test_cancelled_and_invalid_jobs(deployment) -> None:
