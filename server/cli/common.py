@@ -24,7 +24,7 @@ def add_url(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace):
     from server.settings import Settings
 
-    overrides = {k: v for k in ("backbone", "device", "dtype", "store") if (v := getattr(args, k, None))}
+    overrides = {k: v for k in ("backbone", "device", "dtype", "store", "train_autocast") if (v := getattr(args, k, None))}
     return Settings(**overrides)
 
 

@@ -48,7 +48,8 @@ def _train_config(args: argparse.Namespace):
     defaults = TrainConfig()
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr or defaults.lr, prompt_lr=args.prompt_lr, prompt_lr_relative=args.prompt_lr_relative or defaults.prompt_lr_relative,
-        eval_every=args.eval_every or max(10, args.steps // 5), eval_rows=args.val_rows, seed=args.seed, autocast=args.train_autocast,
+        eval_every=args.eval_every or max(10, args.steps // 5), eval_rows=args.val_rows, seed=args.seed,
+        autocast=settings_from(args).resolved_train_autocast(),  # what a server's worker would train in
     )
 
 
@@ -154,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     f.write(json.dumps(r, default=str) + "\n")
 
         config = TrainConfig.for_job(steps=args.few_shot_steps, batch_size=args.batch_size, lr=args.lr, prompt_lr=args.prompt_lr, seed=args.seed)
-        config = dataclasses.replace(config, autocast=args.train_autocast)
+        config = dataclasses.replace(config, autocast=settings_from(args).resolved_train_autocast())
         if args.prompt_lr_relative:
             config = dataclasses.replace(config, prompt_lr_relative=args.prompt_lr_relative)
         done = {(r["task"], r["method"], r["k"], r["seed"]) for r in earlier}
@@ -191,7 +192,7 @@ def add_parsers(sub) -> None:
         cmd.add_argument("--lr", type=float)
         cmd.add_argument("--prompt-lr", type=float, help="soft-prompt learning rate, absolute (default: relative to the embedding RMS)")
         cmd.add_argument("--prompt-lr-relative", type=float, help="soft-prompt learning rate in units of the embedding RMS (default 0.03)")
-        cmd.add_argument("--train-autocast", choices=["auto", "bfloat16", "off"], default="auto", help="mixed precision of training (auto: bf16 on CUDA, off on CPU)")
+        cmd.add_argument("--train-autocast", choices=["auto", "bfloat16", "off"], help="mixed precision of training, as the server's TASKSERVE_TRAIN_AUTOCAST (its default; auto: bf16 on CUDA and on a CPU with native bf16, off elsewhere)")
         cmd.add_argument("--eval-every", type=int)
         cmd.add_argument("--val-rows", type=int, default=100, help="validation rows per task per evaluation")
         cmd.add_argument("--eval-rows", type=int, default=300, help="test rows per task")

@@ -46,3 +46,24 @@ def test_a_train_config_refused_from_a_request_is_a_422_naming_the_field() -> No
     with pytest.raises(InvalidRequest, match="train.steps") as info:
         body.train_config()
     assert info.value.status == 422
+
+
+def test_cli_training_resolves_train_autocast_as_a_server_worker_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from server.cli import build_parser
+    from server.cli.experiments import _train_config
+
+    monkeypatch.delenv("TASKSERVE_TRAIN_AUTOCAST", raising=False)
+    # read here independently of the code under test: auto is bf16 on a CPU with native bf16
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+
+    def config(*flags: str) -> TrainConfig:
+        return _train_config(build_parser().parse_args(["train", "--method", "ip", "--device", "cpu", *flags]))
+
+    assert config().autocast == ("bfloat16" if native_bf16 else "off")
+    assert config("--train-autocast", "off").autocast == "off"
+    assert config("--train-autocast", "bfloat16").autocast == "bfloat16"
+    monkeypatch.setenv("TASKSERVE_TRAIN_AUTOCAST", "off")  # the server's setting applies when the flag is not given
+    assert config().autocast == "off"
