@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from server.cli.common import add_common, settings_from, write_json
 from server.cli.progress import TrainingBars
 from server.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 
 def _task_names(value: str | None, default) -> list[str]:
@@ -42,14 +46,14 @@ def torch_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, settings: Settings):
     from server.training.trainer import TrainConfig
 
     defaults = TrainConfig()
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr or defaults.lr, prompt_lr=args.prompt_lr, prompt_lr_relative=args.prompt_lr_relative or defaults.prompt_lr_relative,
         eval_every=args.eval_every or max(10, args.steps // 5), eval_rows=args.val_rows, seed=args.seed,
-        autocast=settings_from(args).resolved_train_autocast(),  # what a server's worker would train in
+        autocast=settings.resolved_train_autocast(),  # what a server's worker would train in
     )
 
 
@@ -72,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = _config_for(method, args.config)
         if overrides:
             _fresh_module(engine, method, overrides)
-        report = multitask(engine, store, method, names, data, _train_config(args), eval_rows=args.eval_rows, on_progress=TrainingBars(),
+        report = multitask(engine, store, method, names, data, _train_config(args, settings), eval_rows=args.eval_rows, on_progress=TrainingBars(),
                            publish=not args.no_publish, checkpoints=None if args.no_publish else checkpoints)
         print(f"{'task':<18} {'test acc':>9} {'test F1':>8} {'n':>5}")
         for name, metrics in report["tasks"].items():
@@ -129,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     default = catalog.HELD_OUT if args.few_shot else catalog.MIX
     names = _task_names(args.tasks, default)
-    _, engine, store, data = _experiment_setup(args, names)
+    settings, engine, store, data = _experiment_setup(args, names)
     report: dict = {"tasks": names, "seed": args.seed}
     if args.zero_shot:
         report["zero_shot"] = experiments.zero_shot(engine, data, args.eval_rows)
@@ -155,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     f.write(json.dumps(r, default=str) + "\n")
 
         config = TrainConfig.for_job(steps=args.few_shot_steps, batch_size=args.batch_size, lr=args.lr, prompt_lr=args.prompt_lr, seed=args.seed)
-        config = dataclasses.replace(config, autocast=settings_from(args).resolved_train_autocast())
+        config = dataclasses.replace(config, autocast=settings.resolved_train_autocast())
         if args.prompt_lr_relative:
             config = dataclasses.replace(config, prompt_lr_relative=args.prompt_lr_relative)
         done = {(r["task"], r["method"], r["k"], r["seed"]) for r in earlier}

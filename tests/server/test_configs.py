@@ -52,6 +52,7 @@ def test_cli_training_resolves_train_autocast_as_a_server_worker_does(monkeypatc
     from pathlib import Path
 
     from server.cli import build_parser
+    from server.cli.common import settings_from
     from server.cli.experiments import _train_config
 
     monkeypatch.delenv("TASKSERVE_TRAIN_AUTOCAST", raising=False)
@@ -60,7 +61,8 @@ def test_cli_training_resolves_train_autocast_as_a_server_worker_does(monkeypatc
     native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
 
     def config(*flags: str) -> TrainConfig:
-        return _train_config(build_parser().parse_args(["train", "--method", "ip", "--device", "cpu", *flags]))
+        args = build_parser().parse_args(["train", "--method", "ip", "--device", "cpu", *flags])
+        return _train_config(args, settings_from(args))
 
     assert config().autocast == ("bfloat16" if native_bf16 else "off")
     assert config("--train-autocast", "off").autocast == "off"
