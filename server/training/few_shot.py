@@ -10,9 +10,13 @@
    over all k examples — far steadier than one carved validation set of k/4 rows;
 3. **the zero-shot guard**: the same held-out rows score the untrained start (step 0) and the tasks
    other methods make from the description alone (the plain backbone, IP with a form module);
-4. the best candidate is published: a final fit on all examples replaying the chosen number of
-   steps of the schedule, or — when training does not beat them — the start, or the best
-   description-only task (the job's notes say which and why);
+4. the best candidate is published: a final fit on all examples, or — when training does not beat
+   them — the start, or the best description-only task (the job's notes say which and why). The
+   final fit makes the *passes over each example* the folds made at the chosen step, not the same
+   number of steps: a fold trains on k·(n−1)/n examples, so its step N is N·n/(n−1) steps on all k
+   (twice N with two folds), within the schedule's length. Overfitting follows passes — a fold
+   memorises its 16 rows within ~20 steps, and its held-out peak is a number of passes — so a
+   final fit replaying N steps on twice the rows lands undertrained;
 5. **the final fit is checked too**: it is scored on the examples it trained on, an estimate in its
    favour, against the untrained candidates' scores on the same examples (they never trained on
    any). If it still loses — a refit that landed in a trough of an oscillating run, which the
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +95,8 @@ class Learned:
     chosen: str
     """`step N` (trained for N steps), `start` (the untrained start) or `<method> zero-shot`."""
     steps: int
-    """Steps the published task trained (0 unless a trained step was chosen)."""
+    """Steps the published task trained (0 unless a trained step was chosen): the chosen fold step
+    scaled to the same passes over all the examples (`final_fit_steps`)."""
     selection: dict[str, dict[str, float]]
     """Every candidate's held-out accuracy, misfit (`nll`) and row count, in the order weighed."""
     notes: dict[str, Any] = field(default_factory=dict)
@@ -154,7 +160,7 @@ def learn(
             return Learned(frozen_copy(task, name), trained, result.steps, {}, notes)
         # the final-fit check is the one guard left: the untrained candidates never trained on any example
         selection = {START: _scores(engine, start, rows), **_zero_shot_candidates(engine, method, spec, rows)}
-        return _checked(engine, name, start, task, rows, trained, selection, notes, 0)
+        return _checked(engine, name, start, task, rows, trained, result.steps, selection, notes, 0)
 
     curves = []
     for i, held in enumerate(parts):
@@ -166,27 +172,38 @@ def learn(
     else:
         selection = {k: v for k, v in selection.items() if k != START}
     chosen = max(selection, key=lambda c: (selection[c]["accuracy"], -selection[c]["nll"]))  # the first of equals: less training
-    steps = int(chosen.removeprefix("step ")) if chosen.startswith("step ") else 0
+    fold_steps = int(chosen.removeprefix("step ")) if chosen.startswith("step ") else 0
+    fold_rows = statistics.fmean(len(rows) - len(held) for held in parts)
+    steps = final_fit_steps(fold_steps, fold_rows, len(rows), config.steps)
     total = done_before + steps  # now known: progress ends at step == total
     if on_progress is not None:
         on_progress("selected", Progress(done_before, total, math.nan, {"chosen": chosen, **selection[chosen]}))
     if steps:
+        capped = f", capped at the schedule's {config.steps}" if steps < round(fold_steps * len(rows) / fold_rows) else ""
+        notes["final_fit"] = f"{steps} steps on all {len(rows)} examples: the passes over each example the folds made in {fold_steps} steps on {fold_rows:g}{capped}"
         task = start.on(engine.backbone.device)
         run("final", task, rows, [], stop_at=steps)
-        return _checked(engine, name, start, task, rows, chosen, selection, notes, len(parts), guard)
+        return _checked(engine, name, start, task, rows, chosen, steps, selection, notes, len(parts), guard)
     return _untrained(engine, name, start, chosen, selection, notes, len(parts))
 
 
-def _checked(engine: Engine, name: str, start: Task, fit: Task, rows: list[Example], chosen: str,
+def final_fit_steps(fold_steps: int, fold_rows: float, rows: int, schedule: int) -> int:
+    """The final fit's steps on all `rows` examples for a candidate the folds reached in `fold_steps`
+    steps on `fold_rows` each: the same passes over each example (same batch size), so
+    `fold_steps · rows / fold_rows`, at most the `schedule`'s length — where its learning rate is 0."""
+    return min(schedule, round(fold_steps * rows / fold_rows))
+
+
+def _checked(engine: Engine, name: str, start: Task, fit: Task, rows: list[Example], chosen: str, steps: int,
              selection: dict[str, dict[str, float]], notes: dict[str, Any], folds: int, guard: bool = True) -> Learned:
-    """The final fit `fit` (trained as `chosen` says on all the examples) published, unless it fits
+    """The final fit `fit` (`steps` on all the examples, for the candidate `chosen`) published, unless it fits
     the examples it trained on worse than an untrained candidate fits them (step 5 of the module
     docstring): that candidate is published then, and the notes say why."""
     final_fit = _scores(engine, fit, rows)
     fallback = _untrained_beating(selection, final_fit) if guard else None
     if fallback is None:
-        return Learned(frozen_copy(fit, name), chosen, int(chosen.removeprefix("step ")), selection, notes, folds, final_fit)
-    notes["guard"] = (f"the final fit ({chosen} on all {len(rows)} examples) scores {final_fit['accuracy']:.3f} on the examples it trained on, "
+        return Learned(frozen_copy(fit, name), chosen, steps, selection, notes, folds, final_fit)
+    notes["guard"] = (f"the final fit ({steps} steps on all {len(rows)} examples) scores {final_fit['accuracy']:.3f} on the examples it trained on, "
                       f"below the {fallback}'s {selection[fallback]['accuracy']:.3f} on the same examples: the {fallback} is published")
     return dataclasses.replace(_untrained(engine, name, start, fallback, selection, notes, folds), final_fit=final_fit)
 

@@ -14,7 +14,7 @@ from server.data.spec import TaskSpec
 from server.engine import Request
 from server.methods import recipe_for
 from server.task import Example
-from server.training.few_shot import START, _untrained_beating, learn
+from server.training.few_shot import START, _untrained_beating, final_fit_steps, learn
 from server.training.trainer import TrainConfig, train
 from server.training.workbench import Workbench
 
@@ -84,11 +84,20 @@ def test_with_too_few_examples_to_hold_any_out_the_final_fit_check_still_guards(
     assert unguarded.chosen == "step 10" and unguarded.selection == {} and "guard" not in unguarded.notes  # folds=0: no selection asked for
 
 
-def test_selection_is_cross_validated_and_the_final_fit_replays_the_chosen_steps() -> None:
+def test_the_final_fit_makes_the_folds_passes_within_the_schedule() -> None:
+    assert final_fit_steps(10, 16, 32, 60) == 20  # two folds: twice the steps on twice the rows
+    assert final_fit_steps(30, 16, 32, 60) == 60
+    assert final_fit_steps(40, 16, 32, 60) == 60  # the schedule's learning rate is 0 past its end
+    assert final_fit_steps(5, 24, 32, 60) == 7  # four folds: 5 × 32/24 = 6.7
+    assert final_fit_steps(0, 16, 32, 60) == 0
+
+
+def test_selection_is_cross_validated_and_the_final_fit_makes_the_chosen_steps_passes() -> None:
     """The selection rule: every candidate (the start, each evaluated step, each description-only
     task of another method) is scored on the held-out examples of 2 stratified folds — all 16, once
     each — and the highest accuracy wins, ties to the lower misfit, then to the earlier candidate
-    (less training). A trained winner is refit on all examples for exactly its steps."""
+    (less training). A trained winner is refit on all examples for the passes its folds made:
+    twice its steps (each fold trained on 8 of the 16), within the schedule's length."""
     engine = make_engine("llama")
     target = "positive"
     rows = [Example("new", t, target) for t in TEXTS]
@@ -100,12 +109,15 @@ def test_selection_is_cross_validated_and_the_final_fit_replays_the_chosen_steps
     assert all(v["rows"] == len(rows) for v in sel.values()) and learned.folds == 2
     best = max(sel.values(), key=lambda v: (v["accuracy"], -v["nll"]))
     assert learned.chosen == next(c for c, v in sel.items() if (v["accuracy"], -v["nll"]) == (best["accuracy"], -best["nll"]))
-    if learned.chosen.startswith("step "):
-        assert learned.steps == int(learned.chosen.split()[1])
-        replay = recipe_for("prompt_tuning").few_shot(Workbench(engine), "replay", SPEC, [], {}, config.seed)[0].on("cpu")
-        with engine.tasks.temporary(replay):
-            train(engine, [replay], {"replay": [dataclasses.replace(e, task="replay") for e in rows]}, {}, recipe_for("prompt_tuning").trainables(replay), config, stop_at=learned.steps)
-        assert torch.allclose(replay.params["prompt"].detach(), learned.task.params["prompt"], atol=1e-6)
+    # without the guard only trained steps compete, so a step is chosen and refit
+    config = TrainConfig(steps=16, batch_size=4, eval_every=4, seed=1)
+    trained = learn(engine, "new", "prompt_tuning", SPEC, rows, {}, config, guard=False)
+    assert START not in trained.selection and trained.chosen.startswith("step ")
+    assert trained.steps == min(16, 2 * int(trained.chosen.split()[1])) and f"{trained.steps} steps on all 16 examples" in trained.notes["final_fit"]
+    replay = recipe_for("prompt_tuning").few_shot(Workbench(engine), "replay", SPEC, [], {}, config.seed)[0].on("cpu")
+    with engine.tasks.temporary(replay):
+        train(engine, [replay], {"replay": [dataclasses.replace(e, task="replay") for e in rows]}, {}, recipe_for("prompt_tuning").trainables(replay), config, stop_at=trained.steps)
+    assert torch.allclose(replay.params["prompt"].detach(), trained.task.params["prompt"], atol=1e-6)
 
 
 def test_a_description_only_task_of_another_method_can_win_and_is_published_under_the_name() -> None:
