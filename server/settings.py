@@ -35,6 +35,12 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def bf16_native(device_type: str) -> bool:
+    """Whether bfloat16 is native on a device of this type: CUDA, or a CPU with AVX-512-BF16 / AMX
+    (`cpu_has_native_bf16`). What `auto` picks bf16 on, for serving and for training alike."""
+    return device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
+
+
 def default_cache_dir() -> Path:
     """`~/.cache/taskserve`: where converted models (e.g. SmolLM2 GGUF → safetensors) are kept."""
     return Path.home() / ".cache" / "taskserve"
@@ -242,7 +248,7 @@ class Settings(BaseSettings):
 
         if self.dtype == "auto":
             device = self.resolved_device().type
-            native = device == "cuda" or (device == "cpu" and cpu_has_native_bf16() and not training)
+            native = bf16_native(device) and not (training and device == "cpu")
             return torch.bfloat16 if native else torch.float32
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
 
@@ -251,8 +257,7 @@ class Settings(BaseSettings):
         AMX CPU), off elsewhere (emulated bf16 would train slower than fp32)."""
         if self.train_autocast != "auto":
             return self.train_autocast
-        device = self.resolved_device().type
-        return "bfloat16" if device == "cuda" or (device == "cpu" and cpu_has_native_bf16()) else "off"
+        return "bfloat16" if bf16_native(self.resolved_device().type) else "off"
 
     def resolved_threads(self) -> int:
         """Torch threads: `threads`, else the CPUs this process may run on."""

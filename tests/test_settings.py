@@ -72,6 +72,13 @@ def test_resolved_device_and_dtype() -> None:
     assert Settings(device="cuda").resolved_train_autocast() == "bfloat16"
     assert Settings(device="cpu", train_autocast="off").resolved_train_autocast() == "off"
     assert Settings(device="cpu", train_autocast="bfloat16").resolved_train_autocast() == "bfloat16"
+    # the trainer's own `auto` (a script calling it directly) means the same
+    from server.training.trainer import TrainConfig
+
+    assert TrainConfig().mixed_precision(torch.device("cpu")) == native_bf16
+    assert TrainConfig().mixed_precision(torch.device("cuda", 0))
+    assert not TrainConfig(autocast="off").mixed_precision(torch.device("cuda", 0))
+    assert TrainConfig(autocast="bfloat16").mixed_precision(torch.device("cpu"))
 
 
 def test_import_does_not_import_torch() -> None:

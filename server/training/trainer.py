@@ -5,7 +5,7 @@ The backbone is frozen; what trains is whatever the caller (a recipe) passes: pe
 PHA's retriever + hypernetwork + shared adapters, ATTEMPT's attention module). The seeds' recipe:
 AdamW with linear warmup then linear decay, gradient clipping, lr 0.3 for soft prompts and 3e-4
 for networks, mini-batches that mix tasks (ATTEMPT §3.3), validation with best-checkpoint
-selection (accuracy; ties go to the lower validation misfit), bf16 autocast on CUDA (`autocast`). Optionally
+selection (accuracy; ties go to the lower validation misfit), bf16 autocast where bf16 is native (`autocast`). Optionally
 (`average`) an exponential moving average of the weights is what is evaluated and kept. A periodic
 checkpoint (atomic) lets a restarted job resume.
 """
@@ -25,6 +25,7 @@ import torch
 from server.configs import require
 from server.engine import Engine
 from server.errors import Cancelled, InvalidRequest
+from server.settings import bf16_native
 from server.methods.recipe import Trainable
 from server.task import Example, Task
 from server.training import checkpoints
@@ -68,8 +69,9 @@ class TrainConfig:
     """Seed of the mini-batch draws (with the step number), so a resumed run draws what the uninterrupted one would."""
     autocast: Literal["auto", "bfloat16", "off"] = "auto"
     """Mixed precision of the training forward and backward (the trained values, their gradients and
-    the optimiser state stay fp32; validation runs without it): `auto` is bf16 autocast on CUDA and
-    off on CPU, `bfloat16` turns it on anywhere (a CPU with native bf16 runs its matmuls ~2x faster)."""
+    the optimiser state stay fp32; validation runs without it): `auto` is bf16 autocast where bf16 is
+    native — CUDA, a CPU with AVX-512-BF16 / AMX (~1.4x faster jobs there) — as the server's
+    `train_autocast` resolves it (`settings.bf16_native`); `bfloat16` turns it on anywhere."""
     average: float = 0.0
     """Decay of an exponential moving average of the trained values (Polyak averaging). When > 0
     the average, not the last iterate, is what each evaluation scores, what best-step selection
@@ -98,7 +100,7 @@ class TrainConfig:
 
     def mixed_precision(self, device: torch.device) -> bool:
         """Whether training steps on `device` run under bf16 autocast."""
-        return self.autocast == "bfloat16" or (self.autocast == "auto" and device.type == "cuda")
+        return self.autocast == "bfloat16" or (self.autocast == "auto" and bf16_native(device.type))
 
     def prompt_lr_for(self, embedding: torch.Tensor) -> float:
         """The soft-prompt learning rate on a backbone with this input embedding table [vocab, d]."""
