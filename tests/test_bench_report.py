@@ -32,3 +32,13 @@ def test_a_spread_over_four_points_and_a_seed_below_the_baseline_fail(tmp_path):
 def test_a_mean_exactly_five_points_above_the_baseline_meets_the_criterion(tmp_path):
     method = write_jobs(tmp_path, 0.55, [0.60, 0.60, 0.60])  # 0.55 + 0.05 is 0.6000000000000001 in floats
     assert checks_row(default_jobs_table(tmp_path), method) == ["yes", "yes", "yes"]
+
+
+def test_the_table_says_how_many_steps_a_final_fit_trained_where_it_differs_from_the_chosen_step(tmp_path):
+    method = write_jobs(tmp_path, 0.47, [0.90, 0.93, 0.89])
+    records = [json.loads(line) for line in (tmp_path / "jobs-default.jsonl").read_text().splitlines()]
+    records[1]["metrics"]["steps_trained"] = 20  # step 10 on 16 rows per fold → 20 steps on all 32
+    records[2]["metrics"]["steps_trained"] = 10  # a final fit of exactly the chosen steps (the earlier rule's records)
+    (tmp_path / "jobs-default.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = next(line for line in default_jobs_table(tmp_path).splitlines() if f"| {method} | 32 |" in line)
+    assert "| step 10 → 20, step 10, step 10 |" in row
