@@ -140,12 +140,15 @@ def train(
     *,
     eval_at_start: bool = False,
     stop_at: int | None = None,
+    stop_when: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> TrainResult:
     """Train `trainables` on the tasks' rows (the tasks must be in the engine). On return the
     parameters hold the best validation step's values (the last step's without validation rows)
     and the engine serves them. `eval_at_start` validates the untrained start too (step 0 in the
     history, a candidate for the best step); `stop_at` stops after that many steps of the schedule
-    made for `config.steps` (a final fit that replays a selected prefix of a longer run)."""
+    made for `config.steps` (a final fit that replays a selected prefix of a longer run);
+    `stop_when(steps_done, validation)`, asked after each validation, ends training there — a
+    stopping rule, so the values returned are the last step's, not the best validation step's."""
     names = [t.name for t in tasks if train_rows.get(t.name)]
     if not names:
         raise InvalidRequest("examples: training needs at least one task with training rows")
@@ -183,6 +186,8 @@ def train(
     if eval_at_start and validation_rows and start == 0:
         with torch.no_grad():
             validate(0, math.nan)
+    if stop_when is not None and state.history and state.history[-1]["step"] == start and stop_when(start, state.history[-1]):
+        last = start  # resumed where the rule had already stopped it
     loss_value = math.nan
     for step in range(start, last):
         if should_stop is not None and should_stop():
@@ -206,7 +211,11 @@ def train(
             on_progress(Progress(done, last, loss_value, metrics))
         if checkpoint and (done % config.checkpoint_every == 0 or done == last):
             _save(checkpoint, done, trainables, optimizer, schedule, state, average)
-    if state.best_values is not None:
+        if stop_when is not None and metrics is not None and stop_when(done, metrics):
+            last = done
+            break
+    keep_best = state.best_values is not None and stop_when is None  # a stopping rule keeps where it stopped
+    if keep_best:
         _assign(trainables, state.best_values)
     elif average:
         _assign(trainables, average.values)
@@ -214,7 +223,7 @@ def train(
         t.param.requires_grad_(False)
     _refresh(engine, tasks)
     validation = {n: evaluate(engine, list(validation_rows[n])[: config.eval_rows]) for n in names if validation_rows.get(n)}
-    best = state.best_step if state.best_values is not None else last
+    best = state.best_step if keep_best else last
     return TrainResult(last, best, state.best_score, validation, state.history)
 
 

@@ -170,6 +170,26 @@ def test_best_step_is_the_highest_validation_accuracy_then_the_lowest_validation
     assert result.validation["t"]["accuracy"] == best["val_accuracy"]  # the kept parameters are that step's
 
 
+def test_a_stopping_rule_ends_training_where_it_says_keeps_those_values_and_a_resume_stays_stopped(tmp_path: Path) -> None:
+    """`stop_when`, asked after each validation, ends the run there with that step's values (not the
+    best validation step's); a run resumed from the checkpoint of a stopped run trains no further."""
+    def run(stop_when=None, stop_at=None, checkpoint=None):
+        engine = make_engine("llama")
+        task = engine.tasks.new("t", "prompt_tuning", SPEC, seed=1).on(engine.backbone.device)
+        engine.tasks.add(task)
+        config = TrainConfig(steps=12, batch_size=4, eval_every=2, checkpoint_every=2, seed=0)
+        result = train(engine, [task], {"t": rows("t", 12)}, {"t": rows("t", 4)} if stop_when else {}, recipe_for("prompt_tuning").trainables(task),
+                       config, checkpoint=checkpoint, stop_at=stop_at, stop_when=stop_when)
+        return result, task.params["prompt"].detach().clone()
+
+    asked = []
+    stopped, values = run(stop_when=lambda done, v: asked.append(done) or done >= 6, checkpoint=tmp_path / "ckpt")
+    assert asked == [2, 4, 6] and stopped.steps == 6 and stopped.best_step == 6 and [h["step"] for h in stopped.history] == [2, 4, 6]
+    assert torch.allclose(values, run(stop_at=6)[1], atol=1e-6)  # step 6's values, whatever validation preferred
+    resumed, again = run(stop_when=lambda done, v: done >= 6, checkpoint=tmp_path / "ckpt")
+    assert resumed.steps == 6 and torch.equal(again, values)
+
+
 UNDESCRIBED = dataclasses.replace(SPEC, description="")  # θ_init is the only start without transfer
 
 
