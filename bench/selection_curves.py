@@ -5,7 +5,9 @@ the final fit — the same start, the same k examples, the job's config — is r
 schedule on all examples, scoring the task's test rows at the start and at every candidate step. Beside the
 job's recorded selection (its cross-validated curve) this shows what each selection rule would have
 published and how that scored on the test rows, so a rule is chosen on evidence, not on one seed
-(`--average β` retrains with weight averaging instead, to see what it does to the curve):
+(`--average β` retrains with weight averaging instead, to see what it does to the curve). A rule picks
+a fold step; a job's own final fit then trains at least twice it and on until it fits every example
+(`few_shot.learn`), so the job's published score is `job_test`, not the curve at its chosen step:
 
     python -m bench.selection_curves --store build/curves-store --task tweet-sentiment --methods tpv,ip --seeds 0,1,2
 
@@ -50,7 +52,7 @@ def rules(selection: dict[str, dict]) -> dict[str, str]:
     p, n = selection[best]["accuracy"], selection[best]["rows"]
     within = selection[best]["accuracy"] - math.sqrt(p * (1 - p) / n)  # one standard error of the best's accuracy
     return {
-        "accuracy, then misfit (the jobs' rule)": max(steps, key=lambda c: _key(selection[c])),
+        "accuracy, then misfit (the jobs' choice of fold step)": max(steps, key=lambda c: _key(selection[c])),
         "misfit alone": min(steps, key=lambda c: selection[c]["nll"]),
         "accuracy smoothed over neighbouring steps": max(steps, key=lambda c: (smoothed[c], -selection[c]["nll"])),
         "one standard error: the least training within 1 SE of the best": next(c for c in steps if selection[c]["accuracy"] >= within),

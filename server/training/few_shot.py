@@ -16,9 +16,8 @@
    fold trains on k·(n−1)/n examples, so its step N is N·n/(n−1) steps on all k (twice N with two
    folds), within the schedule's length — and then on, evaluation point by evaluation point, until
    it classifies every example it trained on (or the schedule ends). Replaying N steps on twice the
-   rows left fits undertrained, and how far a short fit gets depends on its mini-batch draw: on
-   nyt-sentiment seed 2 the same 20 steps fit 26 or 29 of the 32 examples by draw, and scored 0.67
-   or 0.91 on the test rows (docs/results.md);
+   rows left fits undertrained, and a fit stopped at the matched passes alone still classified only
+   26–30 of its 32 examples on nyt-sentiment seed 2 (test 0.670–0.900; docs/results.md);
 5. **the final fit is checked too**: it is scored on the examples it trained on, an estimate in its
    favour, against the untrained candidates' scores on the same examples (they never trained on
    any). If it still loses — a refit that landed in a trough of an oscillating run, which the
@@ -107,7 +106,8 @@ class Learned:
     """Folds of the cross-validation (0: none — too few examples to hold any out, then only the
     final-fit check weighs the training against the untrained candidates, or none asked for)."""
     final_fit: dict[str, float] = field(default_factory=dict)
-    """The final fit's accuracy, misfit and row count on all the examples it trained on (empty when
+    """The final fit's accuracy, misfit and row count on the examples it trained on (the first
+    `eval_rows` of them, as every validation in the trainer; empty when
     no trained step was chosen)."""
 
     @property
@@ -163,7 +163,7 @@ def learn(
             return Learned(frozen_copy(task, name), trained, result.steps, {}, notes)
         # the final-fit check is the one guard left: the untrained candidates never trained on any example
         selection = {START: _scores(engine, start, rows), **_zero_shot_candidates(engine, method, spec, rows)}
-        return _checked(engine, name, start, task, rows, trained, result.steps, selection, notes, 0)
+        return _checked(engine, name, start, task, _scores(engine, task, rows), trained, result.steps, selection, notes, 0)
 
     curves = []
     for i, held in enumerate(parts):
@@ -185,10 +185,11 @@ def learn(
         return _untrained(engine, name, start, chosen, selection, notes, len(parts))
     task = start.on(engine.backbone.device)
     fitted = run("final", task, rows, rows, stop_when=lambda done, own: done >= least and own["val_accuracy"] >= 1.0)
+    final_fit = _as_scores(fitted.validation[scratch])  # the trainer scored the fit on its own examples as it ended
     notes["final_fit"] = (f"{fitted.steps} steps on all {len(rows)} examples: at least {least} (the passes over each example the folds made in "
                           f"{fold_steps} steps on {fold_rows:g}, within the schedule's {config.steps}), then on until it fit every example"
-                          + ("" if fitted.history[-1]["val_accuracy"] >= 1.0 else " — it had not by the schedule's end"))
-    return _checked(engine, name, start, task, rows, chosen, fitted.steps, selection, notes, len(parts), guard)
+                          + ("" if final_fit["accuracy"] >= 1.0 else " — it had not by the schedule's end"))
+    return _checked(engine, name, start, task, final_fit, chosen, fitted.steps, selection, notes, len(parts), guard)
 
 
 def final_fit_steps(fold_steps: int, fold_rows: float, rows: int, schedule: int) -> int:
@@ -198,16 +199,16 @@ def final_fit_steps(fold_steps: int, fold_rows: float, rows: int, schedule: int)
     return min(schedule, round(fold_steps * rows / fold_rows))
 
 
-def _checked(engine: Engine, name: str, start: Task, fit: Task, rows: list[Example], chosen: str, steps: int,
+def _checked(engine: Engine, name: str, start: Task, fit: Task, final_fit: dict[str, float], chosen: str, steps: int,
              selection: dict[str, dict[str, float]], notes: dict[str, Any], folds: int, guard: bool = True) -> Learned:
-    """The final fit `fit` (`steps` on all the examples, for the candidate `chosen`) published, unless it fits
-    the examples it trained on worse than an untrained candidate fits them (step 5 of the module
-    docstring): that candidate is published then, and the notes say why."""
-    final_fit = _scores(engine, fit, rows)
+    """The final fit `fit` (`steps` on all the examples, for the candidate `chosen`; `final_fit`: its
+    scores on them) published, unless it fits the examples it trained on worse than an untrained
+    candidate fits them (step 5 of the module docstring): that candidate is published then, and the
+    notes say why."""
     fallback = _untrained_beating(selection, final_fit) if guard else None
     if fallback is None:
         return Learned(frozen_copy(fit, name), chosen, steps, selection, notes, folds, final_fit)
-    notes["guard"] = (f"the final fit ({steps} steps on all {len(rows)} examples) scores {final_fit['accuracy']:.3f} on the examples it trained on, "
+    notes["guard"] = (f"the final fit ({steps} steps on all {final_fit['rows']} examples) scores {final_fit['accuracy']:.3f} on the examples it trained on, "
                       f"below the {fallback}'s {selection[fallback]['accuracy']:.3f} on the same examples: the {fallback} is published")
     return dataclasses.replace(_untrained(engine, name, start, fallback, selection, notes, folds), final_fit=final_fit)
 
@@ -276,7 +277,11 @@ def _zero_shot_candidates(engine: Engine, method: str, spec: TaskSpec, rows: lis
 def _scores(engine: Engine, task: Task, rows: list[Example]) -> dict[str, float]:
     """`task`'s accuracy, misfit (`nll`) and row count on labelled rows (it need not be served)."""
     with engine.tasks.temporary(task):
-        metrics = evaluate(engine, [Example(task.name, e.text, e.target) for e in rows])
+        return _as_scores(evaluate(engine, [Example(task.name, e.text, e.target) for e in rows]))
+
+
+def _as_scores(metrics: dict[str, float]) -> dict[str, float]:
+    """`evaluate`'s metrics as a candidate's scores: accuracy, misfit (`nll`), row count."""
     return {"accuracy": metrics["accuracy"], "nll": metrics["nll"], "rows": metrics["n"]}
 
 
