@@ -201,3 +201,41 @@ def test_the_published_final_fit_is_scored_on_the_examples_it_trained_on() -> No
     assert learned.final_fit["accuracy"] == sum(a == e.target for a, e in zip(answers, rows)) / len(rows)
     best = max((v["accuracy"], -v["nll"]) for c, v in learned.selection.items() if not c.startswith("step "))
     assert (learned.final_fit["accuracy"], -learned.final_fit["nll"]) >= best and "guard" not in learned.notes
+
+
+def test_attempt_few_shot_trains_its_own_copy_of_the_attention_module_and_never_the_shared_one() -> None:
+    """§3.2.2: a target task updates P_target and G. A few-shot ATTEMPT task starts with a copy of
+    the shared G, which serves its rows exactly as the shared one would until it trains; training
+    moves the copy (at the networks' learning rate) and leaves the shared G and its tasks alone."""
+    engine = make_engine("llama")
+    attempt = engine.tasks.method("attempt")
+    with torch.no_grad():
+        attempt.up.weight.mul_(50)  # sharpen the attention so a different G shows in the answers
+    shared_before = {k: v.clone() for k, v in attempt.state_dict().items()}
+    peer = engine.tasks.new("peer", "attempt", SPEC, seed=0)
+    engine.tasks.add(peer)
+    examples = [Example("new", t, "positive" if i % 2 else "negative") for i, t in enumerate(TEXTS)]
+    task, notes = recipe_for("attempt").few_shot(Workbench(engine), "new", SPEC, examples, {}, seed=0)
+    own = {k for k in task.params if k != "target"}
+    assert own and "attention module G" in notes["trains"]
+    for key, shared in (("attention_down", attempt.down.weight), ("attention_up", attempt.up.weight), ("attention_norm", attempt.norm.weight)):
+        assert torch.equal(task.params[key].detach().cpu(), shared.detach().cpu()), key
+    kinds = {t.name.split(".")[-1]: t.kind for t in recipe_for("attempt").trainables(task)}
+    assert kinds == {"target": "prompt", **dict.fromkeys(own, "net")}
+    # the copy serves as the shared G would: same target, same answers
+    twin = dataclasses.replace(peer, name="twin", params=torch.nn.ParameterDict({"target": torch.nn.Parameter(peer.params["target"].detach().clone()), **{k: task.params[k] for k in own}}))
+    engine.tasks.add(twin)
+    texts = TEXTS[:4]
+
+    def scores(name: str) -> torch.Tensor:  # [rows, labels]
+        return torch.tensor([[r.scores[label] for label in SPEC.labels] for r in engine.run([Request(name, t) for t in texts])])
+
+    peer_scores = scores("peer")
+    assert torch.allclose(scores("twin"), peer_scores, atol=1e-5)
+    rows = [Example("new", e.text, e.target) for e in examples]
+    with engine.tasks.temporary(task):
+        train(engine, [task], {"new": rows}, {}, recipe_for("attempt").trainables(task), TrainConfig(steps=6, batch_size=4, lr=0.05, prompt_lr=0.3), None)
+    assert not torch.equal(task.params["attention_up"].detach().cpu(), attempt.up.weight.detach().cpu())  # the copy trained
+    after = attempt.state_dict()
+    assert all(torch.equal(shared_before[k], after[k]) for k in shared_before)  # the shared G did not
+    assert torch.allclose(scores("peer"), peer_scores, atol=1e-6)
