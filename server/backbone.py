@@ -63,6 +63,30 @@ def contiguous_head_input(model: PreTrainedModel) -> None:
         head._taskserve_fresh_input = True
 
 
+def fp32_logits(model: PreTrainedModel) -> None:
+    """The LM head of a 16-bit model computes its logits in fp32, from a kept fp32 copy of its weight.
+    bf16 logits of SmolLM2 sit at magnitude ~10–30, where bf16's spacing is 0.06–0.125: labels
+    closer than that tie or swap, and rank classification reads exactly those differences. The
+    blocks below the head keep the model's dtype; the copy costs vocab × d × 4 bytes (113 MB for
+    SmolLM2). An fp32 head (fp32 serving, training's autocast) runs as it is."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_taskserve_fp32", False):
+        return
+    as_is, kept = head.forward, {}
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., vocab]
+        weight = head.weight
+        if weight.dtype not in (torch.bfloat16, torch.float16):
+            return as_is(hidden)
+        key = (weight.data_ptr(), weight.device)  # a new copy only when the weight was moved or cast
+        if kept.get("key") != key:
+            kept.update(key=key, weight=weight.detach().float(), bias=None if head.bias is None else head.bias.detach().float())
+        return nn.functional.linear(hidden.float(), kept["weight"], kept["bias"])
+
+    head.forward = forward
+    head._taskserve_fp32 = True
+
+
 def fingerprint(model: PreTrainedModel) -> str:
     """Stable id of config + weights, independent of the dtype the model was loaded in.
 
@@ -102,6 +126,7 @@ class Backbone:
         """Wrap an already loaded HF model (tests build tiny random ones this way)."""
         freeze(model)
         contiguous_head_input(model)
+        fp32_logits(model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if isinstance(model, T5ForConditionalGeneration):

@@ -69,3 +69,29 @@ def test_the_lm_head_gets_a_fresh_input_so_its_matmul_is_one_mm(rows: int) -> No
     d = backbone.d_model
     assert seen[0] == (d, d, 1), seen  # not (7 * d, d, 1): the sliced view
     assert torch.allclose(kept, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_a_16_bit_model_computes_its_logits_in_fp32(kind: str) -> None:
+    """bf16 serving: the blocks run in bf16 but the head's product is fp32 — the logits are the fp32
+    product of the bf16 hidden state and the head's weight (bf16 logits round to 0.06–0.125 at the
+    magnitudes labels are ranked at); an fp32 model's head is untouched."""
+    backbone = tiny_t5() if kind == "t5" else tiny_llama()
+    head = backbone.model.get_output_embeddings()
+    inputs = {"input_ids": torch.randint(3, 50, (2, 7))}
+    if kind == "t5":
+        inputs["decoder_input_ids"] = torch.randint(3, 50, (2, 3))
+    seen = []
+    head.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        fp32 = backbone.model(**inputs).logits
+        backbone.model.to(torch.bfloat16)
+        bf16 = backbone.model(**inputs).logits
+    assert fp32.dtype == bf16.dtype == torch.float32
+    hidden, out = seen[-1]
+    assert hidden.dtype == torch.bfloat16  # the blocks below the head stayed bf16
+    expected = hidden.double() @ head.weight.double().T  # written here from the bf16 state and weight
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    rounded = (hidden @ head.weight.T).double()  # what a bf16 head would have returned
+    assert (rounded - expected).abs().max() > 1e-4  # so the test can tell the two apart
+    assert (bf16 - fp32).abs().max() > 0  # the bf16 blocks still change the answer a little
