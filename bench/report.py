@@ -167,24 +167,36 @@ def lr_calibration_table(folder: Path) -> str:
 
 def dtype_table(folder: Path) -> str:
     """Every demo task's test accuracy served in bf16 next to fp32 (`dtype-<dtype>.json`, two
-    `taskserve eval --dtype D` reports over the same store and rows)."""
-    paths = {d: folder / f"dtype-{d}.json" for d in ("float32", "bfloat16")}
-    if not all(p.exists() for p in paths.values()):
+    `taskserve eval --dtype D` reports over the same store and rows); a `dtype-bfloat16-<variant>.json`
+    beside them (e.g. `bf16-logits`: a run before the LM head computed in fp32) is one more column."""
+    base, default = folder / "dtype-float32.json", folder / "dtype-bfloat16.json"
+    if not (base.exists() and default.exists()):
         return "(not run)\n"
-    served = {d: json.loads(p.read_text())["served"] for d, p in paths.items()}
-    lines = ["| task | method | rows | fp32 | bf16 | bf16 − fp32 (points) |", "|---|---|---:|---:|---:|---:|"]
-    diffs = []
-    for task in sorted(served["float32"]):
+    runs = {"bf16": default} | {f"bf16, {p.stem.removeprefix('dtype-bfloat16-')}": p for p in sorted(folder.glob("dtype-bfloat16-*.json"))}
+    fp32 = json.loads(base.read_text())["served"]
+    served = {name: json.loads(p.read_text())["served"] for name, p in runs.items()}
+    head = " | ".join(f"{name} | {name} − fp32" for name in runs)
+    lines = [f"| task | method | rows | fp32 | {head} |", "|---|---|---:|---:|" + "---:|---:|" * len(runs)]
+    diffs: dict[str, list[tuple[float, int]]] = {name: [] for name in runs}  # (points, test rows) per task
+    for task in sorted(fp32):
         for method in METHODS:
-            a, b = served["float32"][task].get(method), served["bfloat16"].get(task, {}).get(method)
-            if a is None or b is None:
+            a = fp32[task].get(method)
+            cells = {name: s.get(task, {}).get(method) for name, s in served.items()}
+            if a is None or any(b is None for b in cells.values()):
                 continue
-            diff = 100 * (b["accuracy"] - a["accuracy"])
-            diffs.append(diff)
-            lines.append(f"| {task} | {method} | {a['n']} | {a['accuracy']:.3f} | {b['accuracy']:.3f} | {diff:+.1f} |")
-    within = sum(abs(x) <= 1.0 + 1e-9 for x in diffs)
-    lines.append(f"\n{len(diffs)} demo tasks; within one point: {within}; largest difference {max(diffs, key=abs):+.1f} points; "
-                 f"mean {statistics.fmean(diffs):+.2f} points.")
+            row = [f"{task} | {method} | {a['n']} | {a['accuracy']:.3f}"]
+            for name, b in cells.items():
+                diff = 100 * (b["accuracy"] - a["accuracy"])
+                diffs[name].append((diff, a["n"]))
+                row.append(f"{b['accuracy']:.3f} | {diff:+.1f}")
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for name, d in diffs.items():
+        points = [x for x, _ in d]
+        rows = [abs(x) * n / 100 for x, n in d]  # the accuracy change in test rows
+        lines.append(f"- {name}: {len(d)} demo tasks; within one point: {sum(abs(x) <= 1.0 + 1e-9 for x in points)}; within one test row: "
+                     f"{sum(r <= 1.0 + 1e-6 for r in rows)}; largest difference {max(points, key=abs):+.1f} points; mean {statistics.fmean(points):+.2f} points; "
+                     f"net accuracy changes sum to {round(sum(rows))} test rows.")
     return "\n".join(lines) + "\n"
 
 

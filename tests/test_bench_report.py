@@ -2,7 +2,7 @@
 
 import json
 
-from bench.report import METHODS, default_jobs_table
+from bench.report import METHODS, default_jobs_table, dtype_table
 
 
 def write_jobs(folder, baseline, accuracies):
@@ -42,3 +42,19 @@ def test_the_table_says_how_many_steps_a_final_fit_trained_where_it_differs_from
     (tmp_path / "jobs-default.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     row = next(line for line in default_jobs_table(tmp_path).splitlines() if f"| {method} | 32 |" in line)
     assert "| step 10 → 20, step 10, step 10 |" in row
+
+
+def test_the_dtype_table_counts_points_and_test_rows_for_every_bf16_run(tmp_path):
+    """Two tasks of 98 and 200 rows: one row of 98 is 1.02 points (outside one point, inside one
+    row); two rows of 200 are 1.0 point (inside one point, outside one row)."""
+    def write(name, small, large):
+        served = {"small": {METHODS[0]: {"accuracy": small, "n": 98}}, "large": {METHODS[0]: {"accuracy": large, "n": 200}}}
+        (tmp_path / f"dtype-{name}.json").write_text(json.dumps({"served": served}))
+
+    write("float32", 50 / 98, 0.500)
+    write("bfloat16", 49 / 98, 0.510)
+    write("bfloat16-before", 50 / 98, 0.500)
+    summary = [line for line in dtype_table(tmp_path).splitlines() if line.startswith("- ")]
+    assert summary[0].startswith("- bf16: 2 demo tasks; within one point: 1; within one test row: 1; largest difference -1.0 points")
+    assert "net accuracy changes sum to 3 test rows" in summary[0]
+    assert summary[1].startswith("- bf16, before: 2 demo tasks; within one point: 2; within one test row: 2;")
