@@ -346,29 +346,3 @@ def test_batch_invariance_in_bfloat16_within_a_stated_tolerance(kind: str) -> No
         ranked = sorted(solo.scores.values(), reverse=True)
         if ranked[0] - ranked[1] > 0.02:
             assert got.label == solo.label
-
-
-def test_attempt_rows_with_their_own_attention_module_mix_with_shared_ones_in_one_batch() -> None:
-    """A task with its own G (a few-shot ATTEMPT task) batched with tasks on the shared G: every row
-    gets its solo answer (fp32, 1e-5), and changing one task's G changes only that task's rows."""
-    engine = make_engine("llama")
-    attempt = engine.methods["attempt"]
-    with torch.no_grad():
-        attempt.up.weight.mul_(50)  # sharpen the attention so a different G shows in the answers
-    engine.tasks.add(engine.tasks.new("shared-g", "attempt", CLASSIFY, seed=1))
-    own = engine.tasks.new("own-g", "attempt", CLASSIFY, seed=2, init={"own_attention": True})
-    with torch.no_grad():
-        own.params["attention_up"].add_(torch.randn_like(own.params["attention_up"]) * 0.5)
-        own.params["attention_norm_bias"].add_(1.0)
-    engine.tasks.add(own)
-    engine.tasks.add(engine.tasks.new("pt", "prompt_tuning", CLASSIFY, seed=3))
-    texts = ["a fine film", "dull", "an utterly forgettable evening at the cinema"]
-    requests = [Request(name, t) for t in texts for name in ("shared-g", "own-g", "pt")]
-    mixed = engine.run(requests)
-    for request, got in zip(requests, mixed):
-        solo = engine.run([request])[0]
-        assert got.scores.keys() == solo.scores.keys() and all(abs(got.scores[k] - solo.scores[k]) <= 1e-5 for k in got.scores), request
-    same_target = engine.tasks.new("own-g-as-shared", "attempt", CLASSIFY, seed=2)  # own's target on the shared G
-    engine.tasks.add(same_target)
-    pairs = zip(engine.run([Request("own-g", t) for t in texts]), engine.run([Request("own-g-as-shared", t) for t in texts]))
-    assert max(abs(a.scores[k] - b.scores[k]) for a, b in pairs for k in a.scores) > 1e-3  # its own G is what its rows attend with

@@ -5,40 +5,27 @@
   recipe), else trained here by prompt tuning in a `sources` stage of scratch tasks; then the
   attention module G and the mix tasks' target prompts train over the frozen sources. The new
   module (with as many sources as mix tasks) is published as a new version.
-- few-shot: a new target prompt and the task's own copy of the attention module G, started from
-  the shared one, train over the frozen sources: "P_target as well as the attention module G are
-  updated" (§3.2.2; the "no prior transfer" ablation of §4.3 is G trained from scratch instead).
-  The shared G and the tasks trained with it never change.
+- few-shot: a new target prompt over the frozen sources and attention module (eq 4); only the
+  target trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from server.data.spec import TaskSpec
-from server.methods.attempt.module import ATTENTION
-from server.methods.recipe import MultiTaskPlan, Recipe, Stage, Trainable, Workbench, served_name, shared_trainables
-from server.task import Example, Task
+from server.methods.recipe import MultiTaskPlan, Recipe, Stage, Workbench, served_name, shared_trainables
+from server.task import Task
 
 SOURCE_METHOD = "prompt_tuning"
 
 
 class AttemptRecipe(Recipe):
     per_task_kind = "prompt"
-
-    def few_shot(self, bench: Workbench, name: str, spec: TaskSpec, examples: Sequence[Example], init: dict[str, Any], seed: int) -> tuple[Task, dict[str, Any]]:
-        task = bench.new_task(name, self.method_id, spec, init={"own_attention": True, **init}, seed=seed)
-        trains = "the target prompt and the task's own copy of the attention module G" if ATTENTION[0] in task.params else "the target prompt"
-        return task, {"trains": f"{trains}; the source prompts frozen"}
-
-    def trainables(self, task: Task) -> list[Trainable]:
-        """The target prompt at the prompts' learning rate; a task's own G at the networks' (as G trains in the multi-task stage)."""
-        return [Trainable(f"{task.name}.{k}", p, "net" if k in ATTENTION else "prompt") for k, p in task.params.items()]
 
     def multitask(self, bench: Workbench, specs: Mapping[str, TaskSpec], seed: int) -> MultiTaskPlan:
         old = bench.module(self.method_id)
