@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import types
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,21 +71,21 @@ def fp32_logits(model: PreTrainedModel) -> None:
     blocks below the head keep the model's dtype; the copy costs vocab × d × 4 bytes (113 MB for
     SmolLM2). An fp32 head (fp32 serving, training's autocast) runs as it is."""
     head = model.get_output_embeddings()
-    if head is None or getattr(head, "_taskserve_fp32", False):
-        return
-    as_is, kept = head.forward, {}
+    if head is not None and not getattr(head, "_taskserve_fp32", False):
+        head.forward = types.MethodType(_fp32_head_forward, head)  # bound, so a deepcopy of the model binds its own head
+        head._taskserve_fp32 = True
 
-    def forward(hidden: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., vocab]
-        weight = head.weight
-        if weight.dtype not in (torch.bfloat16, torch.float16):
-            return as_is(hidden)
-        key = (weight.data_ptr(), weight.device)  # a new copy only when the weight was moved or cast
-        if kept.get("key") != key:
-            kept.update(key=key, weight=weight.detach().float(), bias=None if head.bias is None else head.bias.detach().float())
-        return nn.functional.linear(hidden.float(), kept["weight"], kept["bias"])
 
-    head.forward = forward
-    head._taskserve_fp32 = True
+def _fp32_head_forward(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [..., d] -> logits [..., vocab]: fp32 for a 16-bit head, the head's own product otherwise."""
+    weight = head.weight
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return type(head).forward(head, hidden)
+    kept = head.__dict__.setdefault("_taskserve_fp32_kept", {})
+    key = (weight.data_ptr(), weight.device)  # a new copy only when the weight was moved, cast or copied
+    if kept.get("key") != key:
+        kept.update(key=key, weight=weight.detach().float(), bias=None if head.bias is None else head.bias.detach().float())
+    return nn.functional.linear(hidden.float(), kept["weight"], kept["bias"])
 
 
 def fingerprint(model: PreTrainedModel) -> str:

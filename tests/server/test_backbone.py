@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -95,3 +97,11 @@ def test_a_16_bit_model_computes_its_logits_in_fp32(kind: str) -> None:
     rounded = (hidden @ head.weight.T).double()  # what a bf16 head would have returned
     assert (rounded - expected).abs().max() > 1e-4  # so the test can tell the two apart
     assert (bf16 - fp32).abs().max() > 0  # the bf16 blocks still change the answer a little
+    twin = copy.deepcopy(backbone.model)  # bench.run hands PEFT a deepcopy: it must compute with its own head
+    twin_head = twin.get_output_embeddings()
+    with torch.no_grad():
+        twin_head.weight.mul_(2)
+        twin(**inputs)  # the copied hook records the twin's head too
+        hidden, out = seen[-1]
+        assert torch.allclose(out.double(), hidden.double() @ twin_head.weight.double().T, atol=1e-5)
+        assert torch.equal(backbone.model(**inputs).logits, bf16)
