@@ -192,11 +192,11 @@ def dtype_table(folder: Path) -> str:
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for name, d in diffs.items():
-        points = [x for x, _ in d]
+        moved = [x for x, _ in d]  # points
         rows = [abs(x) * n / 100 for x, n in d]  # the accuracy change in test rows
-        lines.append(f"- {name}: {len(d)} demo tasks; within one point: {sum(abs(x) <= 1.0 + 1e-9 for x in points)}; within one test row: "
-                     f"{sum(r <= 1.0 + 1e-6 for r in rows)}; largest difference {max(points, key=abs):+.1f} points; mean {statistics.fmean(points):+.2f} points; "
-                     f"net accuracy changes sum to {round(sum(rows))} test rows.")
+        lines.append(f"- {name}: {len(d)} demo tasks; within one point: {sum(abs(x) <= 1.0 + 1e-9 for x in moved)}; within one test row: "
+                     f"{sum(r <= 1.0 + 1e-6 for r in rows)}; largest difference {max(moved, key=abs):+.1f} points; mean {statistics.fmean(moved):+.2f} points; "
+                     f"the changes add up to {round(sum(rows))} test rows (sum of |change|).")
     return "\n".join(lines) + "\n"
 
 

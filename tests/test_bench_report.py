@@ -56,5 +56,5 @@ def test_the_dtype_table_counts_points_and_test_rows_for_every_bf16_run(tmp_path
     write("bfloat16-before", 50 / 98, 0.500)
     summary = [line for line in dtype_table(tmp_path).splitlines() if line.startswith("- ")]
     assert summary[0].startswith("- bf16: 2 demo tasks; within one point: 1; within one test row: 1; largest difference -1.0 points")
-    assert "net accuracy changes sum to 3 test rows" in summary[0]
+    assert "the changes add up to 3 test rows (sum of |change|)" in summary[0]
     assert summary[1].startswith("- bf16, before: 2 demo tasks; within one point: 2; within one test row: 2;")
