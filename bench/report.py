@@ -186,7 +186,7 @@ def dtype_table(folder: Path) -> str:
                 continue
             row = [f"{task} | {method} | {a['n']} | {a['accuracy']:.3f}"]
             for name, b in cells.items():
-                diff = 100 * (b["accuracy"] - a["accuracy"])
+                diff = points(b["accuracy"]) - points(a["accuracy"])  # as the table shows them
                 diffs[name].append((diff, a["n"]))
                 row.append(f"{b['accuracy']:.3f} | {diff:+.1f}")
             lines.append("| " + " | ".join(row) + " |")
