@@ -206,12 +206,13 @@ class Batcher(Generic[T]):
                 await loop.run_in_executor(self._executor, self._advance)
 
     async def _gather(self) -> None:
-        first_seen = time.monotonic()
-        while (len(self._queue) < self.config.max_rows and not self._closing
-               and time.monotonic() - first_seen < self.config.max_wait_ms / 1000):
+        """Wait for the batch to fill until `max_wait_ms` after its first row *arrived*: rows that
+        queued behind a running batch have waited already and go as soon as the engine is free."""
+        closes = self._queue[0].queued + self.config.max_wait_ms / 1000
+        while len(self._queue) < self.config.max_rows and not self._closing and (left := closes - time.monotonic()) > 0:
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), self.config.max_wait_ms / 1000)
+                await asyncio.wait_for(self._wakeup.wait(), left)
             except TimeoutError:
                 break
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -39,6 +40,36 @@ def test_concurrent_requests_form_mixed_batches_equal_to_solo(served) -> None:
         solo = engine.run([request])[0]
         assert got.label == solo.label
         assert got.scores == pytest.approx(solo.scores, abs=1e-5)
+
+
+def test_rows_queued_behind_a_running_batch_do_not_wait_the_window_again() -> None:
+    """The batch window closes `max_wait_ms` after its first row arrived: a row that queued behind
+    a running batch for longer than the window starts the moment the engine is free (before the
+    fix the window restarted when the engine came back, adding a whole `max_wait_ms` to its wait)."""
+    gate = threading.Event()
+    started: dict[str, float] = {}
+
+    def run(batch):
+        for row in batch:
+            started[row] = time.monotonic()
+        if "first" in batch:
+            gate.wait(10)
+        return list(batch)
+
+    async def main():
+        batcher = Batcher(run, BatcherConfig(max_rows=8, max_wait_ms=1000))
+        first = asyncio.ensure_future(batcher.submit("first"))
+        while "first" not in started:  # the first row's window (1 s) passes, then it runs and holds the engine
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(batcher.submit("second"))
+        await asyncio.sleep(1.2)  # the second row has now waited longer than the window
+        released = time.monotonic()
+        gate.set()
+        assert await first == "first" and await second == "second"
+        await batcher.close()
+        return started["second"] - released
+
+    assert asyncio.run(main()) < 0.5  # it would be >= 1.0 s had the window restarted after the first batch
 
 
 def test_queue_full_is_429(served) -> None:
