@@ -259,13 +259,22 @@ def extract_vader(archive: Path, out: Path, progress: Progress) -> list[Path]:
 
 def fetch(data_dir: Path, index_url: str | None = None, progress: Progress = print) -> dict[str, Path]:
     """Download (if needed) and extract everything the catalog uses into `data_dir`; returns the
-    extracted folders (`bigbench`, `vader`) and the `attribution` file."""
+    extracted folders (`bigbench`, `vader`) and the `attribution` file.
+
+    Each archive is fetched on its own: one that cannot be had does not keep the other's tasks
+    from being extracted; the error then names what is missing and which catalog tasks need it."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    bigbench = ensure_archive(BIGBENCH, data_dir, index_url, progress)
-    vader = ensure_archive(VADER, data_dir, index_url, progress)
-    extract_bigbench(bigbench, bigbench_tasks(), data_dir / "bigbench", progress)
-    extract_vader(vader, data_dir / "vader", progress)
+    failures = []
+    for key, archive, extract in (("bigbench", BIGBENCH, lambda path: extract_bigbench(path, bigbench_tasks(), data_dir / "bigbench", progress)),
+                                  ("vader", VADER, lambda path: extract_vader(path, data_dir / "vader", progress))):
+        try:
+            extract(ensure_archive(archive, data_dir, index_url, progress))
+        except DataError as exc:
+            needing = sorted(t.name for t in CATALOG.values() if t.kind == key)
+            failures.append(f"{exc.message} — catalog tasks without data: {', '.join(needing)}")
     attribution = _write_atomic(data_dir, "ATTRIBUTION.txt", ATTRIBUTION_TEXT.encode())
+    if failures:
+        raise DataError("; ".join(failures))
     return {"bigbench": data_dir / "bigbench", "vader": data_dir / "vader", "attribution": attribution}
 
 

@@ -231,6 +231,21 @@ def test_fetch_downloads_extracts_and_attributes_then_skips(tmp_path: Path, monk
     assert any("already extracted" in m for m in messages)
 
 
+def test_an_archive_that_cannot_be_had_does_not_keep_the_other_from_being_extracted(tmp_path: Path, monkeypatch) -> None:
+    """BIG-bench's archive unreachable (as it was on 2026-12-07: HTTP 403): VADER's tasks are still
+    extracted, and the error names what failed and which catalog tasks are left without data."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    monkeypatch.setattr(sources, "BIGBENCH", Archive("bigbench", "bigbench-1.0.0.tar.gz", (tmp_path / "gone.tar.gz").as_uri(), "0" * 64))
+    monkeypatch.setattr(sources, "VADER", _archive_for(_vader_sdist(mirror / "vaderSentiment-3.3.2.tar.gz")))
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as caught:
+        fetch(data_dir, index_url=(tmp_path / "no-index").as_uri(), progress=_quiet)
+    assert (data_dir / "vader" / "movieReviewSnippets_GroundTruth.txt").is_file()
+    assert "bigbench-1.0.0.tar.gz" in caught.value.message and "vader" not in caught.value.message.lower()
+    assert "fever" in caught.value.message and "movie-sentiment" not in caught.value.message
+
+
 def test_main_prints_attribution_and_fails_cleanly(tmp_path: Path, monkeypatch, capsys) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
