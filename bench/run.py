@@ -58,6 +58,7 @@ from server.backbone import Backbone, FormModule, contiguous_head_input, freeze
 from server.data.spec import TaskSpec
 from server.engine import Engine, Request, default_methods
 from server.methods import Method, method_class, method_for_peft, method_ids
+from server.settings import cpu_has_native_bf16
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = method_for_peft("PROMPT_TUNING")  # our counterpart of PEFT's prompt tuning
@@ -304,7 +305,8 @@ def device_name(device: str) -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu} ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})"
+    isa = "native bf16" if cpu_has_native_bf16() else "no native bf16"  # two "AMD EPYC" machines differ here: the table must say which
+    return f"{cpu} ({os.cpu_count()} CPUs, {isa}, torch threads {torch.get_num_threads()})"
 
 
 def tables(res: dict) -> tuple[str, str]:

@@ -9,6 +9,10 @@ Starts `taskserve serve` on a scratch store seeded with the demo tasks (no worke
      interleaved (1 vs 2 threads side by side);
   5. a `plain` task (the backbone alone, the prompt-tuning task's template) as the reference row: a
      prompt-tuning / TPV row over a plain row of the same input is what their soft prompt costs;
+  6. at concurrency 32, one-task throughput for a task of each method, combined in the mix's own
+     proportions (rows are spread evenly over the mixed tasks, so 1 / Σ_m f_m / rate_m, f_m the
+     share of method m's tasks): what the same rows would cost served one task at a time, so
+     "mixed / one-task, same rows" is what mixing itself costs, apart from what the mix's rows cost;
   4. the HF + PEFT way a user would serve the demo's prompt-tuning tasks: one PeftModel holding one
      PROMPT_TUNING adapter per task, rows grouped per task, `set_adapter` and one padded forward per
      group — on the same rows, as the anchor ratio.
@@ -180,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=192, help="rows per throughput measurement")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--max-wait-ms", help="the server's batch window (TASKSERVE_MAX_WAIT_MS; default: the server's)")
     parser.add_argument("--port", type=int, default=8191)
     parser.add_argument("--quick", action="store_true", help="1 round, 10 requests, 64 rows (a smoke run)")
     parser.add_argument("--note", default="", help="what else ran on the machine")
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.requests, args.rows = 1, 10, 64
     store = ROOT / "build" / f"bench-serve-store-{os.getpid()}"
-    proc = start_server(store, args.port, args.dtype, args.threads)
+    proc = start_server(store, args.port, args.dtype, args.threads, **({"max_wait_ms": args.max_wait_ms} if args.max_wait_ms else {}))
     url = f"http://127.0.0.1:{args.port}"
     try:
         tasks = [t["name"] for t in httpx.get(f"{url}/v1/tasks").json()["tasks"] if t["served"]]
@@ -201,11 +206,13 @@ def main(argv: list[str] | None = None) -> int:
                                                     "labels": reference["labels"], "template": reference["template"]})
         plain.raise_for_status()
         by_method[PLAIN] = "bench-plain"
+        methods_of = {name: httpx.get(f"{url}/v1/tasks/{name}").json()["method"] for name in tasks}
+        mix_share = {m: sum(1 for n in tasks if methods_of[n] == m) / len(tasks) for m in sorted(set(methods_of.values()))}
         engine, alone = engine_alone(args.dtype, store, by_method, args.requests)
         import torch
 
         engine_threads = torch.get_num_threads()
-        prompt_tasks = [n for n in tasks if httpx.get(f"{url}/v1/tasks/{n}").json()["method"] == method_for_peft("PROMPT_TUNING")]
+        prompt_tasks = [n for n in tasks if methods_of[n] == method_for_peft("PROMPT_TUNING")]
         peft_run = peft_way(engine, prompt_tasks)
         results: dict = {"latency": defaultdict(list), "engine": defaultdict(list), "engine_1t": defaultdict(list), "throughput": defaultdict(list), "p99": defaultdict(list), "peft": []}
         for _ in range(args.rounds):  # every configuration once per round: background load hits all alike
@@ -218,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                     rate, lats = asyncio.run(concurrent(url, pool, concurrency, args.rows))
                     results["throughput"][f"{label}@{concurrency}"].append(rate)
                     results["p99"][f"{label}@{concurrency}"].append(percentile(lats, 0.99))
+            for method in mix_share:
+                results["throughput"][f"{method}@32"].append(asyncio.run(concurrent(url, [by_method[method]], 32, args.rows))[0])
             rows = [(prompt_tasks[i % len(prompt_tasks)], REVIEWS[i % len(REVIEWS)]) for i in range(32)]
             ours_engine = time.perf_counter()
             from server.engine import Request
@@ -229,18 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.wait(30)
     summary = {
-        "device": device_name("cpu"), "dtype": args.dtype, "note": args.note, "rounds": args.rounds,
+        "device": device_name("cpu"), "dtype": args.dtype, "note": args.note, "rounds": args.rounds, "max_wait_ms": args.max_wait_ms,
         "threads": engine_threads,
         "latency_ms": {m: {"p50": 1000 * statistics.median(v), "p99": 1000 * percentile(v, 0.99), "engine_p50": 1000 * statistics.median(results["engine"][m]),
                            "engine_1_thread_p50": 1000 * statistics.median(results["engine_1t"][m])} for m, v in results["latency"].items()},
         "throughput_rows_s": {k: statistics.median(v) for k, v in results["throughput"].items()},
+        "mix_share": mix_share,
         "p99_ms": {k: 1000 * statistics.median(v) for k, v in results["p99"].items()},
         "peft": {"ours_over_peft_speed": statistics.median(r["peft_s"] / r["ours_s"] for r in results["peft"]), "runs": results["peft"]},
     }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"serve-cpu-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(summary, indent=2))
-    print(f"### taskserve over HTTP on {summary['device']} ({args.dtype}); {args.note}\n")
+    print(f"### taskserve over HTTP on {summary['device']} ({args.dtype}{f', max_wait_ms {args.max_wait_ms}' if args.max_wait_ms else ''}); {args.note}\n")
     lat = summary["latency_ms"]
     print(f"| method | HTTP p50 ms | HTTP p99 ms | engine alone p50 ms | HTTP / engine | over plain (HTTP) | over plain (engine) | engine, 1 thread p50 ms | 1 / {engine_threads} threads |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -251,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     for c in (1, 8, 32):
         mixed, single = summary["throughput_rows_s"][f"mixed@{c}"], summary["throughput_rows_s"][f"one@{c}"]
         print(f"| {c} | {mixed:.1f} | {single:.1f} | {mixed / single:.2f}x | {summary['p99_ms'][f'mixed@{c}']:.0f} | {summary['p99_ms'][f'one@{c}']:.0f} |")
+    rates = summary["throughput_rows_s"]
+    matched = 1 / sum(share / rates[f"{m}@32"] for m, share in mix_share.items())
+    summary["one_task_same_rows_at_32"] = matched
+    print("\n| at concurrency 32 | rows/s | share of the mix |\n|---|---:|---:|")
+    for m, share in mix_share.items():
+        print(f"| one {m} task | {rates[f'{m}@32']:.1f} | {share:.0%} |")
+    print(f"| one task at a time, the mix's rows (1 / Σ share / rate) | {matched:.1f} | |")
+    print(f"| mixed over {len(tasks)} tasks | {rates['mixed@32']:.1f} | |")
+    print(f"\nmixed / one-task, same rows: {rates['mixed@32'] / matched:.2f}x (mixed / one {method_for_peft('PROMPT_TUNING')} task: {rates['mixed@32'] / rates['one@32']:.2f}x)")
+    out.write_text(json.dumps(summary, indent=2))
     print(f"\nHF + PEFT grouped per task ({summary['peft']['runs'][0]['tasks']} prompt-tuning tasks, 32 rows): ours (engine) is "
           f"{summary['peft']['ours_over_peft_speed']:.2f}x faster.\n\nwrote {out}")
     return 0
