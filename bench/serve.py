@@ -12,7 +12,8 @@ Starts `taskserve serve` on a scratch store seeded with the demo tasks (no worke
   6. at concurrency 32, one-task throughput for a task of each method, combined in the mix's own
      proportions (rows are spread evenly over the mixed tasks, so 1 / Σ_m f_m / rate_m, f_m the
      share of method m's tasks): what the same rows would cost served one task at a time, so
-     "mixed / one-task, same rows" is what mixing itself costs, apart from what the mix's rows cost;
+     "mixed / one-task, same rows" is what mixing itself costs, apart from what the mix's rows cost —
+     and the same in the engine alone: one 32-row batch over all tasks vs a batch per method;
   4. the HF + PEFT way a user would serve the demo's prompt-tuning tasks: one PeftModel holding one
      PROMPT_TUNING adapter per task, rows grouped per task, `set_adapter` and one padded forward per
      group — on the same rows, as the anchor ratio.
@@ -141,6 +142,12 @@ def engine_alone(dtype: str, store: Path, by_method: dict[str, str], n: int):
     return engine, run
 
 
+def _seconds(fn, *args) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
 def peft_way(engine, prompt_tasks: list[str]):
     """One PeftModel with one PROMPT_TUNING adapter per demo prompt task (their very prompts),
     rows grouped per task: fn(rows) -> seconds for the batch."""
@@ -214,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         engine_threads = torch.get_num_threads()
         prompt_tasks = [n for n in tasks if methods_of[n] == method_for_peft("PROMPT_TUNING")]
         peft_run = peft_way(engine, prompt_tasks)
-        results: dict = {"latency": defaultdict(list), "engine": defaultdict(list), "engine_1t": defaultdict(list), "throughput": defaultdict(list), "p99": defaultdict(list), "peft": []}
+        results: dict = {"latency": defaultdict(list), "engine": defaultdict(list), "engine_1t": defaultdict(list), "throughput": defaultdict(list), "p99": defaultdict(list), "peft": [],
+                   "engine_mixed": [], "engine_grouped": []}
         for _ in range(args.rounds):  # every configuration once per round: background load hits all alike
             for method, name in by_method.items():
                 results["latency"][method] += asyncio.run(sequential(url, [name], args.requests))
@@ -227,10 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                     results["p99"][f"{label}@{concurrency}"].append(percentile(lats, 0.99))
             for method in mix_share:
                 results["throughput"][f"{method}@32"].append(asyncio.run(concurrent(url, [by_method[method]], 32, args.rows))[0])
-            rows = [(prompt_tasks[i % len(prompt_tasks)], REVIEWS[i % len(REVIEWS)]) for i in range(32)]
-            ours_engine = time.perf_counter()
             from server.engine import Request
 
+            mixed_rows = [Request(tasks[i % len(tasks)], REVIEWS[i % len(REVIEWS)]) for i in range(32)]
+            results["engine_mixed"].append(_seconds(engine.run_each, mixed_rows))  # as the server runs a batch: passes by length
+            results["engine_grouped"].append(sum(_seconds(engine.run_each, [r for r in mixed_rows if methods_of[r.task] == m]) for m in mix_share))
+            rows = [(prompt_tasks[i % len(prompt_tasks)], REVIEWS[i % len(REVIEWS)]) for i in range(32)]
+            ours_engine = time.perf_counter()
             engine.run([Request(t, x) for t, x in rows])
             ours_s = time.perf_counter() - ours_engine
             results["peft"].append({"ours_s": ours_s, "peft_s": peft_run(rows), "rows": len(rows), "tasks": len(prompt_tasks)})
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                            "engine_1_thread_p50": 1000 * statistics.median(results["engine_1t"][m])} for m, v in results["latency"].items()},
         "throughput_rows_s": {k: statistics.median(v) for k, v in results["throughput"].items()},
         "mix_share": mix_share,
+        "engine_32_rows_s": {"mixed": statistics.median(results["engine_mixed"]), "grouped_per_method": statistics.median(results["engine_grouped"])},
         "p99_ms": {k: 1000 * statistics.median(v) for k, v in results["p99"].items()},
         "peft": {"ours_over_peft_speed": statistics.median(r["peft_s"] / r["ours_s"] for r in results["peft"]), "runs": results["peft"]},
     }
@@ -270,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| one task at a time, the mix's rows (1 / Σ share / rate) | {matched:.1f} | |")
     print(f"| mixed over {len(tasks)} tasks | {rates['mixed@32']:.1f} | |")
     print(f"\nmixed / one-task, same rows: {rates['mixed@32'] / matched:.2f}x (mixed / one {method_for_peft('PROMPT_TUNING')} task: {rates['mixed@32'] / rates['one@32']:.2f}x)")
+    batch = summary["engine_32_rows_s"]
+    print(f"engine alone, one batch of 32 rows over the {len(tasks)} tasks: {batch['mixed']:.2f} s mixed, {batch['grouped_per_method']:.2f} s "
+          f"grouped per method (a batch per method) — mixed / grouped speed {batch['grouped_per_method'] / batch['mixed']:.2f}x")
     out.write_text(json.dumps(summary, indent=2))
     print(f"\nHF + PEFT grouped per task ({summary['peft']['runs'][0]['tasks']} prompt-tuning tasks, 32 rows): ours (engine) is "
           f"{summary['peft']['ours_over_peft_speed']:.2f}x faster.\n\nwrote {out}")
