@@ -17,9 +17,10 @@ DATA_DIR = Settings().cache_dir / "data"
 MISSING = [name for name, task in CATALOG.items() if not source_path(task, DATA_DIR).is_file()]
 
 
-@pytest.mark.skipif(bool(MISSING), reason=f"no fetched data in {DATA_DIR} (run `taskserve data fetch`)")
 @pytest.mark.parametrize("name", list(CATALOG))
 def test_catalog_task_loads_from_real_data(name: str) -> None:
+    if name in MISSING:  # per task: one archive fetched without the other still tests its tasks
+        pytest.skip(f"no fetched data for {name} in {DATA_DIR} (run `taskserve data fetch`)")
     data = load(name, DATA_DIR)
     counts = Counter(e.label for e in data.examples)
     assert len(data.examples) >= 90
