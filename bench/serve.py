@@ -40,7 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.run import device_name
+from bench.run import clock, device_name
 from server.methods import method_for_peft, method_ids
 
 ROOT = Path(__file__).parents[1]
@@ -142,12 +142,6 @@ def engine_alone(dtype: str, store: Path, by_method: dict[str, str], n: int):
     return engine, run
 
 
-def _seconds(fn, *args) -> float:
-    started = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - started
-
-
 def peft_way(engine, prompt_tasks: list[str]):
     """One PeftModel with one PROMPT_TUNING adapter per demo prompt task (their very prompts),
     rows grouped per task: fn(rows) -> seconds for the batch."""
@@ -202,19 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_server(store, args.port, args.dtype, args.threads, **({"max_wait_ms": args.max_wait_ms} if args.max_wait_ms else {}))
     url = f"http://127.0.0.1:{args.port}"
     try:
-        tasks = [t["name"] for t in httpx.get(f"{url}/v1/tasks").json()["tasks"] if t["served"]]
+        methods_of = {t["name"]: t["method"] for t in httpx.get(f"{url}/v1/tasks").json()["tasks"] if t["served"]}
+        tasks = list(methods_of)
+        mix_share = {m: sum(1 for n in tasks if methods_of[n] == m) / len(tasks) for m in sorted(set(methods_of.values()))}
         by_method = {}
         for name in sorted(tasks):
-            method = httpx.get(f"{url}/v1/tasks/{name}").json()["method"]
-            by_method.setdefault(method, name)
+            by_method.setdefault(methods_of[name], name)
         one = by_method[method_for_peft("PROMPT_TUNING")]
         reference = httpx.get(f"{url}/v1/tasks/{one}").json()["spec"]
         plain = httpx.post(f"{url}/v1/tasks", json={"name": "bench-plain", "method": PLAIN, "description": reference["description"],
                                                     "labels": reference["labels"], "template": reference["template"]})
         plain.raise_for_status()
         by_method[PLAIN] = "bench-plain"
-        methods_of = {name: httpx.get(f"{url}/v1/tasks/{name}").json()["method"] for name in tasks}
-        mix_share = {m: sum(1 for n in tasks if methods_of[n] == m) / len(tasks) for m in sorted(set(methods_of.values()))}
         engine, alone = engine_alone(args.dtype, store, by_method, args.requests)
         import torch
 
@@ -238,12 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             from server.engine import Request
 
             mixed_rows = [Request(tasks[i % len(tasks)], REVIEWS[i % len(REVIEWS)]) for i in range(32)]
-            results["engine_mixed"].append(_seconds(engine.run_each, mixed_rows))  # as the server runs a batch: passes by length
-            results["engine_grouped"].append(sum(_seconds(engine.run_each, [r for r in mixed_rows if methods_of[r.task] == m]) for m in mix_share))
+            results["engine_mixed"].append(clock(lambda: engine.run_each(mixed_rows), cuda=False))  # as the server runs a batch: passes by length
+            groups = [[r for r in mixed_rows if methods_of[r.task] == m] for m in mix_share]
+            results["engine_grouped"].append(sum(clock(lambda g=g: engine.run_each(g), cuda=False) for g in groups))
             rows = [(prompt_tasks[i % len(prompt_tasks)], REVIEWS[i % len(REVIEWS)]) for i in range(32)]
-            ours_engine = time.perf_counter()
-            engine.run([Request(t, x) for t, x in rows])
-            ours_s = time.perf_counter() - ours_engine
+            ours_s = clock(lambda: engine.run([Request(t, x) for t, x in rows]), cuda=False)
             results["peft"].append({"ours_s": ours_s, "peft_s": peft_run(rows), "rows": len(rows), "tasks": len(prompt_tasks)})
     finally:
         proc.terminate()
@@ -259,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": {k: 1000 * statistics.median(v) for k, v in results["p99"].items()},
         "peft": {"ours_over_peft_speed": statistics.median(r["peft_s"] / r["ours_s"] for r in results["peft"]), "runs": results["peft"]},
     }
+    rates = summary["throughput_rows_s"]
+    matched = 1 / sum(share / rates[f"{m}@32"] for m, share in mix_share.items())  # the mix's rows, one task at a time
+    summary["one_task_same_rows_at_32"] = matched
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"serve-cpu-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(summary, indent=2))
@@ -273,9 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     for c in (1, 8, 32):
         mixed, single = summary["throughput_rows_s"][f"mixed@{c}"], summary["throughput_rows_s"][f"one@{c}"]
         print(f"| {c} | {mixed:.1f} | {single:.1f} | {mixed / single:.2f}x | {summary['p99_ms'][f'mixed@{c}']:.0f} | {summary['p99_ms'][f'one@{c}']:.0f} |")
-    rates = summary["throughput_rows_s"]
-    matched = 1 / sum(share / rates[f"{m}@32"] for m, share in mix_share.items())
-    summary["one_task_same_rows_at_32"] = matched
     print("\n| at concurrency 32 | rows/s | share of the mix |\n|---|---:|---:|")
     for m, share in mix_share.items():
         print(f"| one {m} task | {rates[f'{m}@32']:.1f} | {share:.0%} |")
@@ -285,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     batch = summary["engine_32_rows_s"]
     print(f"engine alone, one batch of 32 rows over the {len(tasks)} tasks: {batch['mixed']:.2f} s mixed, {batch['grouped_per_method']:.2f} s "
           f"grouped per method (a batch per method) — mixed / grouped speed {batch['grouped_per_method'] / batch['mixed']:.2f}x")
-    out.write_text(json.dumps(summary, indent=2))
     print(f"\nHF + PEFT grouped per task ({summary['peft']['runs'][0]['tasks']} prompt-tuning tasks, 32 rows): ours (engine) is "
           f"{summary['peft']['ours_over_peft_speed']:.2f}x faster.\n\nwrote {out}")
     return 0
