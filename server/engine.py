@@ -366,7 +366,7 @@ class Engine:
     @torch.no_grad()
     def start(self, plan: Plan) -> Output:
         """The first pass and label scores; generative rows get a `Decoding` not yet advanced."""
-        enc, ctx, _ = self._encode(plan, live=False)
+        enc, ctx, _ = self._encode(plan, live=False, labels_only=True)
         return self._read_out(plan, enc, ctx)
 
     def complete(self, plan: Plan, out: Output) -> list[Result]:
@@ -447,12 +447,14 @@ class Engine:
                       completion_tokens=len(generated.tokens), logprobs=generated.logprobs)
 
     # ---- the shared forward path ------------------------------------------------------------
-    def _encode(self, plan: Plan, *, live: bool, capture: bool = False) -> tuple[Encoded, BatchContext, dict[ModuleKey, RowGroup]]:
+    def _encode(self, plan: Plan, *, live: bool, capture: bool = False, labels_only: bool = False) -> tuple[Encoded, BatchContext, dict[ModuleKey, RowGroup]]:
         """Methods fill the context, then the first pass runs. `live` recomputes static per-task
-        tensors with gradients (training) instead of using the cache."""
+        tensors with gradients (training) instead of using the cache. `labels_only`: the last
+        logits of the labels' first tokens only, where that is all the rows need (`_label_columns`)."""
         ctx, groups, token_embeds, lengths, form = self._modulate(plan, live=live, capture=capture)
         embeds, mask = pack_rows(ctx.prefix, ctx.prefix_len, token_embeds, lengths, left_pad=self.runner.left_pad, multiple=self.config.length_multiple)
-        enc = self.runner.encode(embeds, mask, ctx, form)
+        columns = self._label_columns(plan) if labels_only else None
+        enc = self.runner.encode(embeds, mask, ctx, form, columns)
         if capture and ctx.features is not None:
             pooled = masked_mean(ctx.features, enc.mask[:, -ctx.features.shape[1] :])  # [b, d]; the feature site saw this pass's positions
             for group in groups.values():
@@ -500,6 +502,22 @@ class Engine:
             form = FormRequest(form_rows, [plan.form_texts[r] for r in form_rows.tolist()], deliver)
         ctx.assemble()
         return ctx, groups, token_embeds, lengths, form
+
+    def _label_columns(self, plan: Plan) -> Tensor | None:
+        """The vocabulary ids [k] (sorted) whose first-pass logits a resident plan needs, when every
+        row is a classification row scored by `first` or `sum`: a row's log-normaliser is then the
+        same for all its labels and cancels in the softmax over them, so the LM head need not see
+        the rest of the vocabulary. None (the whole vocabulary) for generative rows, `mean`
+        scoring (it divides the normaliser by each label's length) and T5 (labels go through its
+        decoder)."""
+        if self.backbone.is_encoder_decoder:
+            return None
+        firsts: set[int] = set()
+        for entry in plan.loaded:
+            if not entry.task.spec.is_classification or entry.task.spec.scoring == "mean":
+                return None
+            firsts.update(t[0] for t in entry.targets)
+        return torch.tensor(sorted(firsts), device=self.backbone.device)
 
     def _read_out(self, plan: Plan, enc: Encoded, ctx: BatchContext) -> Output:
         device = self.backbone.device

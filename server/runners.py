@@ -30,7 +30,7 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
-from server.backbone import Backbone, FormModule, masked_mean
+from server.backbone import Backbone, FormModule, head_columns, masked_mean
 from server.batch import BatchContext
 from server.decoding import Decoding, Sampling
 from server.hooks import ContextHooks
@@ -46,7 +46,8 @@ class Encoded:
     """What the first pass of a batch leaves for scoring and generation."""
 
     mask: Tensor  # [b, t] long, real positions of prefix + prompt
-    last_logits: Tensor | None = None  # [b, vocab] (decoder-only)
+    last_logits: Tensor | None = None  # [b, vocab] (decoder-only), or [b, k] for the k `columns`
+    columns: Tensor | None = None  # [k] sorted vocabulary ids of last_logits' columns; None: the whole vocabulary
     cache: DynamicCache | None = None  # decoder-only prompt cache
     encoder_states: Tensor | None = None  # [b, t, d] (T5)
 
@@ -102,7 +103,9 @@ class DecoderRunner:
             out = self.backbone.model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
         return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in getattr(out, CACHE).layers])
 
-    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None) -> Encoded:
+    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None, columns: Tensor | None = None) -> Encoded:
+        """The prompt pass; `columns` [k] (sorted vocabulary ids): the last logits of those tokens only,
+        unnormalised — enough to score labels whose first tokens are among them (`label_logprobs`)."""
         if form is not None:
             form.deliver(self.form.layer_states(form.texts).to(embeds.device))  # [n1, f, d1]
             ctx.assemble()
@@ -118,8 +121,9 @@ class DecoderRunner:
             mask = torch.cat([past_mask, mask], dim=1)  # [b, P + t]
         # no padding anywhere (one task, or equal lengths): HF's causal path instead of a masked one (~7% of a batch on CPU)
         attention = None if bool(mask.all()) else mask
-        out = self._forward(ctx, inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE: cache})
-        return Encoded(mask=mask, last_logits=out.logits[:, -1], cache=getattr(out, CACHE))
+        with head_columns(self.backbone.model, columns):
+            out = self._forward(ctx, inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE: cache})
+        return Encoded(mask=mask, last_logits=out.logits[:, -1], columns=columns, cache=getattr(out, CACHE))
 
     @staticmethod
     def _select_cache(cache: DynamicCache, index: Tensor) -> DynamicCache:
@@ -136,10 +140,15 @@ class DecoderRunner:
         return out.logits
 
     def label_logprobs(self, enc: Encoded, ctx: BatchContext, pair_row: Tensor, targets: list[list[int]]) -> Tensor:
-        """Per (row, label) pair: log p(y_j | prompt, y_<j) for every label token [p, n_max] (0 past the end)."""
+        """Per (row, label) pair: log p(y_j | prompt, y_<j) for every label token [p, n_max] (0 past the end).
+        When the prompt pass kept only some `columns`, token 1's is its logit: log p less the row's
+        log-normaliser, the same for every label of the row."""
         ids, lengths = pad_ids(targets, self.backbone.pad_id, pair_row.device)  # [p, n]
-        row_logp = enc.last_logits.float().log_softmax(-1)  # [b, vocab]: normalise once per row, not per label
-        first = row_logp[pair_row, ids[:, 0]].unsqueeze(1)  # [p, 1]
+        if enc.columns is None:
+            row_logp = enc.last_logits.float().log_softmax(-1)  # [b, vocab]: normalise once per row, not per label
+            first = row_logp[pair_row, ids[:, 0]].unsqueeze(1)  # [p, 1]
+        else:
+            first = enc.last_logits.float()[pair_row, torch.searchsorted(enc.columns, ids[:, 0])].unsqueeze(1)  # [p, 1]
         if ids.shape[1] == 1:
             return first
         rest_ids, _ = pad_ids([t[:-1] for t in targets], self.backbone.pad_id, pair_row.device, self.multiple)
@@ -152,6 +161,7 @@ class DecoderRunner:
 
     def generate(self, enc: Encoded, ctx: BatchContext, rows: Tensor, max_new: list[int], sampling: list[Sampling], sinks: list | None = None) -> Decoding:
         """Token-by-token decoding for rows [g] on the prompt cache (consumed when every row generates)."""
+        assert enc.columns is None, "generation needs the whole vocabulary's logits"
         everyone = rows.numel() == enc.mask.shape[0]
         cache = enc.cache if everyone else self._select_cache(enc.cache, rows)
         sub_ctx = ctx if everyone else ctx.select(rows)
@@ -178,7 +188,8 @@ class Seq2SeqRunner:
         self.backbone, self.hooks, self.multiple = backbone, hooks, multiple
         self.start_id = int(backbone.model.config.decoder_start_token_id)
 
-    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None) -> Encoded:
+    def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None, columns: Tensor | None = None) -> Encoded:
+        """The encoder pass. `columns` is ignored: T5's logits come from its decoder (`label_logprobs`)."""
         with self.hooks.use(ctx):
             out = self.backbone.model.encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=form is not None)
         if form is not None:

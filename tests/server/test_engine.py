@@ -167,6 +167,32 @@ def test_scoring_rules_match_reference(kind: str, scoring: str) -> None:
         assert torch.allclose(torch.tensor([got.scores[label] for label in spec.labels]), want, atol=1e-5)
 
 
+def test_the_lm_head_computes_only_the_label_columns_a_classification_pass_needs(served) -> None:
+    """Rows scored by `first` / `sum` need only their labels' first-token logits (the row's
+    normaliser cancels in the softmax over its labels: test_scoring_rules_match_reference checks the
+    scores); one generative or `mean`-scored row brings back the whole vocabulary, and T5 scores
+    labels through its decoder."""
+    engine, names = served
+    b = engine.backbone
+    vocab = b.model.get_output_embeddings().weight.shape[0]
+    engine.tasks.add(engine.tasks.new("mean-scored", "prompt_tuning", dataclasses.replace(CLASSIFY, scoring="mean")))
+    classify = [n for n in names if not n.endswith("-gen")]
+    firsts = {b.label_ids(label, CLASSIFY.template)[0] for label in CLASSIFY.labels}
+
+    def kept_columns(tasks: list[str]) -> int | None:
+        """How many logits the prompt pass kept per row (None: T5, whose prompt pass has none)."""
+        plan = engine.schedule([Request(n, TEXTS[i % len(TEXTS)]) for i, n in enumerate(tasks)])
+        with torch.no_grad():
+            enc, _, _ = engine._encode(plan, live=False, labels_only=True)
+        return None if enc.last_logits is None else enc.last_logits.shape[-1]
+
+    whole = None if b.is_encoder_decoder else vocab
+    assert kept_columns(classify) == (whole if b.is_encoder_decoder else len(firsts))
+    assert kept_columns([*classify, names[-1]]) == whole  # a generative row
+    assert kept_columns([*classify, "mean-scored"]) == whole
+    engine.tasks.remove("mean-scored")
+
+
 def test_first_token_scoring_refuses_labels_it_cannot_tell_apart() -> None:
     engine = make_engine("llama")
     spec = TaskSpec(template="{text}", labels=(" negative", " positive"), scoring="first")  # byte tokens: both start with " "
