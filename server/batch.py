@@ -66,6 +66,7 @@ class BatchContext:
     hidden_scale: Tensor | None = None  # [n_block_sites, batch, 1, d_model] = 1 + I_m per row
     adapters: dict[int, AdapterWeights] = field(default_factory=dict)  # ffn site -> adapters
     features: Tensor | None = None  # [batch, seq, d_model], written by the feature-site hook
+    real_positions: Tensor | None = None  # [T] long: the non-padding positions of the [batch, seq] pass now running (set by the runner; None: no padding)
     past: Tensor | None = None  # [n_layers, 2, batch, kv_heads, P, head_dim] cached prefix keys/values, right-aligned
     past_len: Tensor | None = None  # [batch] long: cached prefix positions per row (0: none)
 

@@ -22,7 +22,8 @@ through the cache gives the same log-likelihoods as one pass over [prompt; targe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,17 @@ def pad_ids(rows: list[list[int]], pad: int, device: torch.device, multiple: int
     return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
 
 
+@contextmanager
+def unpadded_ffns(ctx: BatchContext, mask: Tensor) -> Iterator[None]:
+    """Within: the FFNs of a pass over [b, t] positions whose real ones are `mask` [b, t] run on
+    those only (`ContextHooks`). Only around a first pass: later passes run other shapes."""
+    ctx.real_positions = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)  # [T]
+    try:
+        yield
+    finally:
+        ctx.real_positions = None
+
+
 def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """logits [p, n, vocab], targets [p, n] -> log p(target) [p, n] in fp32."""
     return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -110,6 +122,7 @@ class DecoderRunner:
             form.deliver(self.form.layer_states(form.texts).to(embeds.device))  # [n1, f, d1]
             ctx.assemble()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, t]; left padding keeps real positions 0..len-1
+        token_mask = mask  # [b, t]: the positions the FFNs see (a cached past has no FFN to run)
         cache = None
         if ctx.past is not None:  # cached prefixes (right-aligned in P positions): a past the tokens follow
             width = ctx.past.shape[4]
@@ -121,7 +134,7 @@ class DecoderRunner:
             mask = torch.cat([past_mask, mask], dim=1)  # [b, P + t]
         # no padding anywhere (one task, or equal lengths): HF's causal path instead of a masked one (~7% of a batch on CPU)
         attention = None if bool(mask.all()) else mask
-        with head_columns(self.backbone.model, columns):
+        with head_columns(self.backbone.model, columns), unpadded_ffns(ctx, token_mask):
             out = self._forward(ctx, inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE: cache})
         return Encoded(mask=mask, last_logits=out.logits[:, -1], columns=columns, cache=getattr(out, CACHE))
 
@@ -190,7 +203,7 @@ class Seq2SeqRunner:
 
     def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None, columns: Tensor | None = None) -> Encoded:
         """The encoder pass. `columns` is ignored: T5's logits come from its decoder (`label_logprobs`)."""
-        with self.hooks.use(ctx):
+        with self.hooks.use(ctx), unpadded_ffns(ctx, mask):
             out = self.backbone.model.encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=form is not None)
         if form is not None:
             states = masked_mean(torch.stack(out.hidden_states[1:]), mask)  # [n1, b, d]

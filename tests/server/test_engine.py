@@ -193,6 +193,29 @@ def test_the_lm_head_computes_only_the_label_columns_a_classification_pass_needs
     engine.tasks.remove("mean-scored")
 
 
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_the_ffns_of_a_padded_first_pass_run_on_real_positions_only(kind: str) -> None:
+    """Rows of different lengths in one pass: the FFNs compute the rows' real positions, not their
+    padding, and each row's scores are what it gets alone (PHA's adapters still act on every FFN)."""
+    engine = make_engine(kind)
+    add_tasks(engine, per_method=1)
+    texts = ["ok", "a much longer review, with many more words in it than the first one has"]
+    requests = [Request("pha-0", t) for t in texts]
+    lengths = [len(ids) for ids in engine.schedule(requests).prompt_ids]
+    assert lengths[0] < lengths[1]
+    ffn = engine.hooks.ffn_sites[0]  # T5: the encoder's first; Llama: layer 0's
+    first_linear = next(m for m in ffn.modules() if isinstance(m, torch.nn.Linear))
+    seen: list[int] = []
+    handle = first_linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[:-1].numel()))
+    try:
+        batch = engine.run(requests)
+    finally:
+        handle.remove()
+    assert seen[0] == sum(lengths)  # not 2 × the longer row
+    for request, got in zip(requests, batch):
+        assert_same(got, engine.run([request])[0])
+
+
 def test_first_token_scoring_refuses_labels_it_cannot_tell_apart() -> None:
     engine = make_engine("llama")
     spec = TaskSpec(template="{text}", labels=(" negative", " positive"), scoring="first")  # byte tokens: both start with " "
