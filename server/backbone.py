@@ -110,6 +110,11 @@ def head_columns(model: PreTrainedModel, columns: torch.Tensor | None) -> Iterat
         head.__dict__.pop("_taskserve_columns", None)
 
 
+def _linears(attention: nn.Module) -> list[nn.Module]:
+    """An attention module's own linear projections (q, k, v, o; or a fused qkv): position-wise."""
+    return [m for m in attention.children() if isinstance(m, nn.Linear)]
+
+
 def fingerprint(model: PreTrainedModel) -> str:
     """Stable id of config + weights, independent of the dtype the model was loaded in.
 
@@ -143,6 +148,10 @@ class Backbone:
     decoder_ffns: list[nn.Module]
     feature_site: nn.Module
     fingerprint: str
+    position_wise: list[nn.Module]
+    """Modules of the first pass that act on each position alone — the attention's linear
+    projections and the FFN of every decoder-only layer, of every T5 encoder block: a pass with
+    padding runs them on its real positions only (`ContextHooks`)."""
 
     @classmethod
     def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Backbone:
@@ -163,6 +172,7 @@ class Backbone:
                 decoder_ffns=[block.layer[-1].DenseReluDense for block in dec],
                 feature_site=model.encoder.final_layer_norm,
                 fingerprint=fingerprint(model),
+                position_wise=[m for block in enc for m in (*_linears(block.layer[0].SelfAttention), block.layer[-1].DenseReluDense)],
             )
         layers = getattr(getattr(model, "model", None), "layers", None)
         if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
@@ -181,6 +191,7 @@ class Backbone:
             decoder_ffns=[layer.mlp for layer in layers[split:]],
             feature_site=layers[split - 1],
             fingerprint=fingerprint(model),
+            position_wise=[m for layer in layers for m in (*_linears(layer.self_attn), layer.mlp)],
         )
 
     @property

@@ -66,7 +66,8 @@ class BatchContext:
     hidden_scale: Tensor | None = None  # [n_block_sites, batch, 1, d_model] = 1 + I_m per row
     adapters: dict[int, AdapterWeights] = field(default_factory=dict)  # ffn site -> adapters
     features: Tensor | None = None  # [batch, seq, d_model], written by the feature-site hook
-    real_positions: Tensor | None = None  # [T] long: the non-padding positions of the [batch, seq] pass now running (set by the runner; None: no padding)
+    real_positions: Tensor | None = None  # [T] long: the non-padding positions of the first pass now running, flat in its [batch, seq] (set by the runner; None: no padding)
+    pass_shape: tuple[int, int] | None = None  # that pass's (batch, seq): a position-wise module is unpadded only on inputs of that shape
     past: Tensor | None = None  # [n_layers, 2, batch, kv_heads, P, head_dim] cached prefix keys/values, right-aligned
     past_len: Tensor | None = None  # [batch] long: cached prefix positions per row (0: none)
 

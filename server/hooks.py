@@ -5,10 +5,11 @@ batch being run and returns at once when there is none or it carries nothing for
 tensors are gathered once per batch by `BatchContext.assemble()`, so a hook is one fused op:
 - block sites: h ← h ∘ (1 + I_m)  == h + h∘I_m (seed 000 eq 3);
 - FFN sites:   y ← FFN(LN x) + A(LN x) with per-row adapters as a gathered bmm (seed 003 eq 8);
-  and FFN(LN x) itself is computed on the real positions only while the runner names them
-  (`ctx.real_positions`, a first pass with padding): rows of different lengths in one pass — mixed
-  tasks' templates, few-shot examples — pay no FFN compute (~3/4 of a layer's) for their padding;
 - feature site: keep the output for PHA's retriever (training).
+And the position-wise modules (`Backbone.position_wise`: attention projections, FFNs) of a first
+pass with padding run on its real positions only while the runner names them (`ctx.real_positions`):
+rows of different lengths in one pass — mixed tasks' templates, few-shot examples — pay for their
+padding in attention scores only, not in a layer's products.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class ContextHooks:
         self._handles = [site.register_forward_hook(self._block_hook(i)) for i, site in enumerate(backbone.block_sites)]
         self._handles += [site.register_forward_hook(self._ffn_hook(i)) for i, site in enumerate(self.ffn_sites)]
         self._handles.append(backbone.feature_site.register_forward_hook(self._feature_hook))
-        for site in self.ffn_sites:  # an instance attribute over the class's forward; the hooks above still run around it
-            site.forward = self._unpadded(site.forward)
+        self.position_wise: list[nn.Module] = backbone.position_wise
+        for module in self.position_wise:  # an instance attribute over the class's forward; the hooks above still run around it
+            module.forward = self._unpadded(module.forward)
 
     @contextmanager
     def use(self, ctx: BatchContext | None) -> Iterator[BatchContext | None]:
@@ -46,8 +48,8 @@ class ContextHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for site in self.ffn_sites:
-            site.__dict__.pop("forward", None)
+        for module in self.position_wise:
+            module.__dict__.pop("forward", None)
 
     def _block_hook(self, site: int):
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple | None:
@@ -62,14 +64,13 @@ class ContextHooks:
         return hook
 
     def _unpadded(self, forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-        def run(x: Tensor) -> Tensor:  # x [b, t, d] = LN(h)
+        def run(x: Tensor) -> Tensor:  # x [b, t, d_in]
             ctx = self.ctx
-            real = None if ctx is None else ctx.real_positions
-            if real is None:
+            if ctx is None or ctx.real_positions is None or tuple(x.shape[:-1]) != ctx.pass_shape:
                 return forward(x)
-            flat = x.reshape(-1, x.shape[-1])  # [b·t, d]
-            out = forward(flat[real])  # [T, d]: real positions only
-            return flat.new_zeros(flat.shape[0], out.shape[-1]).index_copy(0, real, out).view(*x.shape[:-1], out.shape[-1])  # padding: 0
+            flat = x.reshape(-1, x.shape[-1])  # [b·t, d_in]
+            out = forward(flat[ctx.real_positions])  # [T, d_out]: real positions only
+            return out.new_zeros(flat.shape[0], out.shape[-1]).index_copy(0, ctx.real_positions, out).view(*x.shape[:-1], out.shape[-1])  # padding: 0; out's dtype (autocast)
 
         return run
 

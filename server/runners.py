@@ -74,14 +74,15 @@ def pad_ids(rows: list[list[int]], pad: int, device: torch.device, multiple: int
 
 
 @contextmanager
-def unpadded_ffns(ctx: BatchContext, mask: Tensor) -> Iterator[None]:
-    """Within: the FFNs of a pass over [b, t] positions whose real ones are `mask` [b, t] run on
-    those only (`ContextHooks`). Only around a first pass: later passes run other shapes."""
-    ctx.real_positions = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)  # [T]
+def unpadded(ctx: BatchContext, mask: Tensor) -> Iterator[None]:
+    """Within: the position-wise modules (`Backbone.position_wise`) of a pass over [b, t] positions
+    whose real ones are `mask` [b, t] run on those only (`ContextHooks`). Only around a first pass."""
+    if not bool(mask.all()):
+        ctx.real_positions, ctx.pass_shape = mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape)  # [T]
     try:
         yield
     finally:
-        ctx.real_positions = None
+        ctx.real_positions = ctx.pass_shape = None
 
 
 def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -122,7 +123,7 @@ class DecoderRunner:
             form.deliver(self.form.layer_states(form.texts).to(embeds.device))  # [n1, f, d1]
             ctx.assemble()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, t]; left padding keeps real positions 0..len-1
-        token_mask = mask  # [b, t]: the positions the FFNs see (a cached past has no FFN to run)
+        token_mask = mask  # [b, t]: the positions the layers compute (a cached past is not recomputed)
         cache = None
         if ctx.past is not None:  # cached prefixes (right-aligned in P positions): a past the tokens follow
             width = ctx.past.shape[4]
@@ -134,7 +135,7 @@ class DecoderRunner:
             mask = torch.cat([past_mask, mask], dim=1)  # [b, P + t]
         # no padding anywhere (one task, or equal lengths): HF's causal path instead of a masked one (~7% of a batch on CPU)
         attention = None if bool(mask.all()) else mask
-        with head_columns(self.backbone.model, columns), unpadded_ffns(ctx, token_mask):
+        with head_columns(self.backbone.model, columns), unpadded(ctx, token_mask):
             out = self._forward(ctx, inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE: cache})
         return Encoded(mask=mask, last_logits=out.logits[:, -1], columns=columns, cache=getattr(out, CACHE))
 
@@ -161,7 +162,7 @@ class DecoderRunner:
             row_logp = enc.last_logits.float().log_softmax(-1)  # [b, vocab]: normalise once per row, not per label
             first = row_logp[pair_row, ids[:, 0]].unsqueeze(1)  # [p, 1]
         else:
-            first = enc.last_logits.float()[pair_row, torch.searchsorted(enc.columns, ids[:, 0])].unsqueeze(1)  # [p, 1]
+            first = enc.last_logits.float()[pair_row, torch.searchsorted(enc.columns, ids[:, 0].contiguous())].unsqueeze(1)  # [p, 1]
         if ids.shape[1] == 1:
             return first
         rest_ids, _ = pad_ids([t[:-1] for t in targets], self.backbone.pad_id, pair_row.device, self.multiple)
@@ -203,7 +204,7 @@ class Seq2SeqRunner:
 
     def encode(self, embeds: Tensor, mask: Tensor, ctx: BatchContext, form: FormRequest | None = None, columns: Tensor | None = None) -> Encoded:
         """The encoder pass. `columns` is ignored: T5's logits come from its decoder (`label_logprobs`)."""
-        with self.hooks.use(ctx), unpadded_ffns(ctx, mask):
+        with self.hooks.use(ctx), unpadded(ctx, mask):
             out = self.backbone.model.encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=form is not None)
         if form is not None:
             states = masked_mean(torch.stack(out.hidden_states[1:]), mask)  # [n1, b, d]

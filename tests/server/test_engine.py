@@ -194,24 +194,41 @@ def test_the_lm_head_computes_only_the_label_columns_a_classification_pass_needs
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
-def test_the_ffns_of_a_padded_first_pass_run_on_real_positions_only(kind: str) -> None:
-    """Rows of different lengths in one pass: the FFNs compute the rows' real positions, not their
-    padding, and each row's scores are what it gets alone (PHA's adapters still act on every FFN)."""
+@pytest.mark.parametrize("method", ["prompt_tuning", "pha"])
+def test_position_wise_modules_of_a_padded_first_pass_skip_the_padding(kind: str, method: str) -> None:
+    """Rows of different lengths in one pass: every attention projection and FFN of the first pass
+    computes the rows' real positions only (its output is exactly 0 at the padding, where W·x
+    would not be), and each row's scores are what it gets alone."""
     engine = make_engine(kind)
     add_tasks(engine, per_method=1)
     texts = ["ok", "a much longer review, with many more words in it than the first one has"]
-    requests = [Request("pha-0", t) for t in texts]
-    lengths = [len(ids) for ids in engine.schedule(requests).prompt_ids]
-    assert lengths[0] < lengths[1]
-    ffn = engine.hooks.ffn_sites[0]  # T5: the encoder's first; Llama: layer 0's
-    first_linear = next(m for m in ffn.modules() if isinstance(m, torch.nn.Linear))
-    seen: list[int] = []
-    handle = first_linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[:-1].numel()))
+    requests = [Request(f"{method}-0", t) for t in texts]
+    plan = engine.schedule(requests)
+    prompt = engine.tasks.get_task(f"{method}-0").params.get("prompt")
+    in_pass = 0 if prompt is None or not kind == "t5" else prompt.shape[0]  # T5's prompt runs in the encoder pass; Llama's is a cached past
+    real = [len(ids) + in_pass for ids in plan.prompt_ids]
+    assert real[0] < real[1]
+    first_outputs: dict[int, torch.Tensor] = {}
+    def keep_first(i: int):
+        def hook(_module, _args, out: torch.Tensor) -> None:
+            first_outputs.setdefault(i, out)
+        return hook
+
+    handles = [m.register_forward_hook(keep_first(i)) for i, m in enumerate(engine.hooks.position_wise)]
     try:
         batch = engine.run(requests)
     finally:
-        handle.remove()
-    assert seen[0] == sum(lengths)  # not 2 × the longer row
+        for h in handles:
+            h.remove()
+    assert len(first_outputs) == len(engine.hooks.position_wise) > 0
+    checked = 0
+    for i, out in first_outputs.items():
+        if engine.hooks.position_wise[i] in engine.hooks.ffn_sites and method == "pha":
+            continue  # PHA's adapter hook adds A(x) after the FFN, padding included
+        zero_rows = int((out.reshape(-1, out.shape[-1]) == 0).all(-1).sum())
+        assert zero_rows == 2 * max(real) - sum(real), i
+        checked += 1
+    assert checked >= len(first_outputs) // 2
     for request, got in zip(requests, batch):
         assert_same(got, engine.run([request])[0])
 
