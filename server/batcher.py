@@ -2,7 +2,9 @@
 
 asyncio on the request side, ONE worker thread on the engine side (the event loop never blocks on
 a forward). A batch closes when it holds `max_rows` rows or `max_chars` input characters, or
-`max_wait_ms` after its first row arrived. Admission control: at most `max_queue` rows wait; a
+`max_wait_ms` after its first row arrived — unless the load looks sequential (the last batch was one
+row and no other row arrived before its answer), where waiting for company only adds latency: then a row
+starts at once, and the window comes back as soon as a batch finds company. Admission control: at most `max_queue` rows wait; a
 request whose rows do not all fit is refused whole with Overloaded (HTTP 429 with Retry-After). A
 row whose deadline passed, or whose caller went away (its future was cancelled), is dropped before
 it runs. The batch function returns one outcome per row — a result, or that row's own error — so
@@ -40,7 +42,7 @@ class BatcherConfig:
     max_chars: int = 16384
     """Most input characters (summed over rows) in one batch; a single longer row still runs alone."""
     max_wait_ms: float = 5.0
-    """How long a batch waits for more rows after its first one."""
+    """How long a batch waits for more rows after its first one (not after a lone row: see the module)."""
     max_queue: int = 1024
     """Most rows waiting; more are refused with 429."""
     default_timeout_s: float = 30.0
@@ -108,6 +110,7 @@ class Batcher(Generic[T]):
         self._dropped = 0
         self._active: list[tuple[Continuation, list[_Item[T]]]] = []  # batches still generating (engine thread only)
         self._deferred: set[asyncio.Future] = set()  # rows answered by a Future not resolved yet (event loop only)
+        self._lone = False  # the last batch was one row and nobody queued before its answer: sequential load, no window
 
     def start(self) -> None:
         if self._task is None:
@@ -201,13 +204,17 @@ class Batcher(Generic[T]):
                         started = time.monotonic()
                         self.observe(BatchStats(len(batch), [started - item.queued for item in batch], self._dropped))
                         self._dropped = 0
-                    await loop.run_in_executor(self._executor, self._run, batch)
+                    answered = await loop.run_in_executor(self._executor, self._run, batch)
+                    self._lone = len(batch) == 1 and all(item.queued >= answered for item in self._queue)
             if self._active:  # one token for every generating batch, then look at the queue again
                 await loop.run_in_executor(self._executor, self._advance)
 
     async def _gather(self) -> None:
         """Wait for the batch to fill until `max_wait_ms` after its first row *arrived*: rows that
-        queued behind a running batch have waited already and go as soon as the engine is free."""
+        queued behind a running batch have waited already and go as soon as the engine is free. Under
+        sequential load (the last batch ran alone, nobody queued behind it) a row goes at once."""
+        if self._lone:
+            return
         closes = self._queue[0].queued + self.config.max_wait_ms / 1000
         while len(self._queue) < self.config.max_rows and not self._closing and (left := closes - time.monotonic()) > 0:
             self._wakeup.clear()
@@ -216,8 +223,9 @@ class Batcher(Generic[T]):
             except TimeoutError:
                 break
 
-    def _run(self, batch: list[_Item[T]]) -> None:
-        """On the engine thread: run the batch; if the call fails as a whole, run each row alone."""
+    def _run(self, batch: list[_Item[T]]) -> float:
+        """On the engine thread: run the batch; if the call fails as a whole, run each row alone.
+        Returns when (monotonic) its answers were handed over: rows queued later came after them."""
         try:
             answer = self.run_batch([item.payload for item in batch])
             if isinstance(answer, Partial):
@@ -234,8 +242,10 @@ class Batcher(Generic[T]):
                     outcomes.append((item, _finish(self.run_batch([item.payload]))))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller as its own error
                     outcomes.append((item, exc))
+        answered = time.monotonic()
         for item, outcome in outcomes:
             item.future.get_loop().call_soon_threadsafe(self._settle_or_defer, item, outcome)
+        return answered
 
     def _settle_or_defer(self, item: _Item[T], outcome: Any) -> None:
         """On the event loop: settle a row, or — answered by a Future — when that resolves."""

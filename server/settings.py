@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     """Most input characters (summed over rows) in one batch; a single longer row still runs alone."""
 
     max_wait_ms: float = Field(default=5.0, ge=0)
-    """How long a batch waits for more rows after its first."""
+    """How long a batch waits for more rows after its first (not a row after a lone one: server/batcher.py)."""
 
     max_queue: int = Field(default=1024, ge=1)
     """Most rows waiting; more get 429 with Retry-After."""

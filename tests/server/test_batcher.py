@@ -72,6 +72,27 @@ def test_rows_queued_behind_a_running_batch_do_not_wait_the_window_again() -> No
     assert asyncio.run(main()) < 0.5  # it would be >= 1.0 s had the window restarted after the first batch
 
 
+def test_a_row_after_a_lone_batch_skips_the_window_and_company_brings_it_back() -> None:
+    """Sequential load (the last batch was one row, nothing queued behind it) runs a row at once;
+    once a batch has company, the next row waits the window for more again."""
+    window = 1.0
+
+    async def main():
+        waits: list[float] = []
+        batcher = Batcher(lambda rows: list(rows), BatcherConfig(max_rows=8, max_wait_ms=1000 * window), observe=lambda stats: waits.extend(stats.waits))
+        await batcher.submit("first")  # no history yet: waits the window
+        await batcher.submit("second")  # the last batch ran alone: no window
+        await asyncio.gather(batcher.submit("a"), batcher.submit("b"))  # one batch of two (the second joins within the window)
+        await batcher.submit("third")  # the last batch had company: the window again
+        await batcher.close()
+        return waits
+
+    first, second, a, b, third = asyncio.run(main())
+    assert first >= 0.9 * window and third >= 0.9 * window
+    assert second < 0.5 * window and a < 0.5 * window  # 'a' follows a lone batch too
+    assert b < 0.5 * window
+
+
 def test_queue_full_is_429(served) -> None:
     engine, names = served
     gate = threading.Event()
