@@ -2,9 +2,13 @@
 
 asyncio on the request side, ONE worker thread on the engine side (the event loop never blocks on
 a forward). A batch closes when it holds `max_rows` rows or `max_chars` input characters, or
-`max_wait_ms` after its first row arrived — unless the load looks sequential (the last batch was one
-row and no other row arrived before its answer), where waiting for company only adds latency: then a row
-starts at once, and the window comes back as soon as a batch finds company. Admission control: at most `max_queue` rows wait; a
+`max_wait_ms` after its first row arrived — and not before as many rows are queued as the last batch
+had (its clients coming back), or `return_wait` of the last batch's engine time has passed since its
+answers went out: closed-loop clients come back spread over tens of ms, and without it a few stragglers
+ran as a batch of their own while the rest queued behind them, batches alternating 30 / 2 rows. Under
+sequential load (the last batch was one row and no other row arrived before its answer) waiting only
+adds latency: a row starts at once, and the window comes back as soon as a batch finds company.
+Admission control: at most `max_queue` rows wait; a
 request whose rows do not all fit is refused whole with Overloaded (HTTP 429 with Retry-After). A
 row whose deadline passed, or whose caller went away (its future was cancelled), is dropped before
 it runs. The batch function returns one outcome per row — a result, or that row's own error — so
@@ -47,11 +51,15 @@ class BatcherConfig:
     """Most rows waiting; more are refused with 429."""
     default_timeout_s: float = 30.0
     """Deadline of a row that names none."""
+    return_wait: float = 0.05
+    """After a batch, the next one waits for the rows it answered to come back (closed-loop
+    clients), at most this share of that batch's engine time (see the module)."""
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_chars", "max_queue"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
         require(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
+        require(0 <= self.return_wait <= 1, "return_wait", "must be in [0, 1]")
         require(self.default_timeout_s > 0, "default_timeout_s", "must be > 0")
 
 
@@ -111,6 +119,7 @@ class Batcher(Generic[T]):
         self._active: list[tuple[Continuation, list[_Item[T]]]] = []  # batches still generating (engine thread only)
         self._deferred: set[asyncio.Future] = set()  # rows answered by a Future not resolved yet (event loop only)
         self._lone = False  # the last batch was one row and nobody queued before its answer: sequential load, no window
+        self._last = (0, 0.0)  # the last batch: its rows, and until when (monotonic) the next batch waits for them to come back
 
     def start(self) -> None:
         if self._task is None:
@@ -204,24 +213,34 @@ class Batcher(Generic[T]):
                         started = time.monotonic()
                         self.observe(BatchStats(len(batch), [started - item.queued for item in batch], self._dropped))
                         self._dropped = 0
+                    began = time.monotonic()
                     answered = await loop.run_in_executor(self._executor, self._run, batch)
                     self._lone = len(batch) == 1 and all(item.queued >= answered for item in self._queue)
+                    self._last = (len(batch), answered + self.config.return_wait * (answered - began))
             if self._active:  # one token for every generating batch, then look at the queue again
                 await loop.run_in_executor(self._executor, self._advance)
 
     async def _gather(self) -> None:
         """Wait for the batch to fill until `max_wait_ms` after its first row *arrived*: rows that
-        queued behind a running batch have waited already and go as soon as the engine is free. Under
-        sequential load (the last batch ran alone, nobody queued behind it) a row goes at once."""
+        queued behind a running batch have waited already. Under sequential load (the last batch ran
+        alone, nobody queued behind it) a row goes at once. After a batch of n rows, wait too until n
+        rows are queued — its clients coming back with their next rows, which arrive spread over tens
+        of ms — or `return_wait` of that batch's engine time has passed since its answers went out."""
         if self._lone:
             return
-        closes = self._queue[0].queued + self.config.max_wait_ms / 1000
-        while len(self._queue) < self.config.max_rows and not self._closing and (left := closes - time.monotonic()) > 0:
+        rows, returns_by = self._last
+        expected = min(rows, self.config.max_rows)
+        window_closes = self._queue[0].queued + self.config.max_wait_ms / 1000
+        while len(self._queue) < self.config.max_rows and not self._closing:
+            now = time.monotonic()
+            closes = window_closes if len(self._queue) >= expected else max(window_closes, returns_by)
+            if (left := closes - now) <= 0:
+                return
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), left)
             except TimeoutError:
-                break
+                return
 
     def _run(self, batch: list[_Item[T]]) -> float:
         """On the engine thread: run the batch; if the call fails as a whole, run each row alone.

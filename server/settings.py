@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=5.0, ge=0)
     """How long a batch waits for more rows after its first (not a row after a lone one: server/batcher.py)."""
 
+    return_wait: float = Field(default=0.05, ge=0, le=1)
+    """After a batch of n rows, the next waits until n rows are queued (its clients coming back), at most this share of that batch's engine time."""
+
     max_queue: int = Field(default=1024, ge=1)
     """Most rows waiting; more get 429 with Retry-After."""
 

@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         store = Store(settings.store, settings.db_url)
         metrics = Metrics(settings.metrics_task_series)
         metrics.watch(eng.tasks)
-        config = BatcherConfig(settings.max_batch_rows, settings.max_batch_chars, settings.max_wait_ms, settings.max_queue, settings.request_timeout_s)
+        config = BatcherConfig(max_rows=settings.max_batch_rows, max_chars=settings.max_batch_chars, max_wait_ms=settings.max_wait_ms,
+                               max_queue=settings.max_queue, default_timeout_s=settings.request_timeout_s, return_wait=settings.return_wait)
         batcher = Batcher(_batch_function(eng), config, observe=metrics.observe_batch)
         state = AppState(settings, eng, store, batcher, metrics)
         app.state.taskserve = state

@@ -93,6 +93,56 @@ def test_a_row_after_a_lone_batch_skips_the_window_and_company_brings_it_back() 
     assert b < 0.5 * window
 
 
+def test_the_next_batch_waits_for_the_rows_its_clients_bring_back() -> None:
+    """Closed-loop clients come back after their answers spread over more than the window: with
+    `return_wait` the next batch waits for as many rows as the last one had (bounded by a share of
+    its engine time), and without it the stragglers split the next round into several batches."""
+
+    def rounds(return_wait: float) -> list[list[int]]:
+        sizes: list[tuple[str, int]] = []
+
+        def run(batch):
+            time.sleep(0.4)
+            sizes.append((batch[0][0], len(batch)))
+            return list(batch)
+
+        async def client(i: int, batcher: Batcher) -> None:
+            await batcher.submit(f"a{i}")
+            await asyncio.sleep(0.03 * i)  # comes back 0, 30, 60, 90 ms after its answer
+            await batcher.submit(f"b{i}")
+
+        async def main():
+            batcher = Batcher(run, BatcherConfig(max_rows=8, max_wait_ms=5, return_wait=return_wait))
+            await asyncio.gather(*(client(i, batcher) for i in range(4)))
+            await batcher.close()
+
+        asyncio.run(main())
+        return [[n for r, n in sizes if r == name] for name in "ab"]
+
+    assert rounds(0.5) == [[4], [4]]  # up to 200 ms for the four to come back: one batch
+    first, second = rounds(0.0)
+    assert first == [4] and len(second) > 1  # the window alone (5 ms) catches only the first to come back
+
+
+def test_a_batch_whose_clients_do_not_come_back_waits_its_share_then_runs() -> None:
+    """The wait for returning rows is bounded: after a 0.4 s batch of two, a single row that comes
+    back alone runs after return_wait x 0.4 s (0.2 s here), not when a second row appears."""
+    waits: list[float] = []
+
+    def run(batch):
+        time.sleep(0.4)
+        return list(batch)
+
+    async def main():
+        batcher = Batcher(run, BatcherConfig(max_rows=8, max_wait_ms=5, return_wait=0.5), observe=lambda stats: waits.extend(stats.waits))
+        await asyncio.gather(batcher.submit("a"), batcher.submit("b"))
+        await batcher.submit("c")
+        await batcher.close()
+
+    asyncio.run(main())
+    assert 0.15 < waits[-1] < 1.0
+
+
 def test_queue_full_is_429(served) -> None:
     engine, names = served
     gate = threading.Event()
