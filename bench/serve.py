@@ -178,6 +178,34 @@ def peft_way(engine, prompt_tasks: list[str]):
     return run
 
 
+def print_tables(summary: dict) -> None:
+    """A run's tables (markdown), from its JSON summary."""
+    n_tasks = summary["tasks"]
+    lat, rates, threads, wait = summary["latency_ms"], summary["throughput_rows_s"], summary["threads"], summary["max_wait_ms"]
+    print(f"### taskserve over HTTP on {summary['device']} ({summary['dtype']}{f', max_wait_ms {wait}' if wait else ''}); {summary['note']}\n")
+    print(f"| method | HTTP p50 ms | HTTP p99 ms | engine alone p50 ms | HTTP / engine | over plain (HTTP) | over plain (engine) | engine, 1 thread p50 ms | 1 / {threads} threads |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m, v in lat.items():
+        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x | {v['p50'] / lat[PLAIN]['p50']:.2f}x "
+              f"| {v['engine_p50'] / lat[PLAIN]['engine_p50']:.2f}x | {v['engine_1_thread_p50']:.0f} | {v['engine_1_thread_p50'] / v['engine_p50']:.2f}x |")
+    print("\n| concurrency | mixed rows/s | one-task rows/s | mixed / one | mixed p99 ms | one p99 ms |\n|---:|---:|---:|---:|---:|---:|")
+    for c in (1, 8, 32):
+        mixed, single = rates[f"mixed@{c}"], rates[f"one@{c}"]
+        print(f"| {c} | {mixed:.1f} | {single:.1f} | {mixed / single:.2f}x | {summary['p99_ms'][f'mixed@{c}']:.0f} | {summary['p99_ms'][f'one@{c}']:.0f} |")
+    print("\n| at concurrency 32 | rows/s | share of the mix |\n|---|---:|---:|")
+    for m, share in summary["mix_share"].items():
+        print(f"| one {m} task | {rates[f'{m}@32']:.1f} | {share:.0%} |")
+    matched = summary["one_task_same_rows_at_32"]
+    print(f"| one task at a time, the mix's rows (1 / Σ share / rate) | {matched:.1f} | |")
+    print(f"| mixed over {n_tasks} tasks | {rates['mixed@32']:.1f} | |")
+    print(f"\nmixed / one-task, same rows: {rates['mixed@32'] / matched:.2f}x (mixed / one {method_for_peft('PROMPT_TUNING')} task: {rates['mixed@32'] / rates['one@32']:.2f}x)")
+    batch = summary["engine_32_rows_s"]
+    print(f"engine alone, one batch of 32 rows over the {n_tasks} tasks: {batch['mixed']:.2f} s mixed, {batch['grouped_per_method']:.2f} s "
+          f"grouped per method (a batch per method) — mixed / grouped speed {batch['grouped_per_method'] / batch['mixed']:.2f}x")
+    print(f"\nHF + PEFT grouped per task ({summary['peft']['runs'][0]['tasks']} prompt-tuning tasks, 32 rows): ours (engine) is "
+          f"{summary['peft']['ours_over_peft_speed']:.2f}x faster.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -189,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8191)
     parser.add_argument("--quick", action="store_true", help="1 round, 10 requests, 64 rows (a smoke run)")
     parser.add_argument("--note", default="", help="what else ran on the machine")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="print the tables of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        print_tables(json.loads(args.report.read_text()))
+        return 0
     if args.quick:
         args.rounds, args.requests, args.rows = 1, 10, 64
     store = ROOT / "build" / f"bench-serve-store-{os.getpid()}"
@@ -242,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.wait(30)
     summary = {
         "device": device_name("cpu"), "dtype": args.dtype, "note": args.note, "rounds": args.rounds, "max_wait_ms": args.max_wait_ms,
-        "threads": engine_threads,
+        "threads": engine_threads, "tasks": len(tasks),
         "latency_ms": {m: {"p50": 1000 * statistics.median(v), "p99": 1000 * percentile(v, 0.99), "engine_p50": 1000 * statistics.median(results["engine"][m]),
                            "engine_1_thread_p50": 1000 * statistics.median(results["engine_1t"][m])} for m, v in results["latency"].items()},
         "throughput_rows_s": {k: statistics.median(v) for k, v in results["throughput"].items()},
@@ -257,28 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"serve-cpu-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(summary, indent=2))
-    print(f"### taskserve over HTTP on {summary['device']} ({args.dtype}{f', max_wait_ms {args.max_wait_ms}' if args.max_wait_ms else ''}); {args.note}\n")
-    lat = summary["latency_ms"]
-    print(f"| method | HTTP p50 ms | HTTP p99 ms | engine alone p50 ms | HTTP / engine | over plain (HTTP) | over plain (engine) | engine, 1 thread p50 ms | 1 / {engine_threads} threads |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for m, v in lat.items():
-        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x | {v['p50'] / lat[PLAIN]['p50']:.2f}x "
-              f"| {v['engine_p50'] / lat[PLAIN]['engine_p50']:.2f}x | {v['engine_1_thread_p50']:.0f} | {v['engine_1_thread_p50'] / v['engine_p50']:.2f}x |")
-    print("\n| concurrency | mixed rows/s | one-task rows/s | mixed / one | mixed p99 ms | one p99 ms |\n|---:|---:|---:|---:|---:|---:|")
-    for c in (1, 8, 32):
-        mixed, single = summary["throughput_rows_s"][f"mixed@{c}"], summary["throughput_rows_s"][f"one@{c}"]
-        print(f"| {c} | {mixed:.1f} | {single:.1f} | {mixed / single:.2f}x | {summary['p99_ms'][f'mixed@{c}']:.0f} | {summary['p99_ms'][f'one@{c}']:.0f} |")
-    print("\n| at concurrency 32 | rows/s | share of the mix |\n|---|---:|---:|")
-    for m, share in mix_share.items():
-        print(f"| one {m} task | {rates[f'{m}@32']:.1f} | {share:.0%} |")
-    print(f"| one task at a time, the mix's rows (1 / Σ share / rate) | {matched:.1f} | |")
-    print(f"| mixed over {len(tasks)} tasks | {rates['mixed@32']:.1f} | |")
-    print(f"\nmixed / one-task, same rows: {rates['mixed@32'] / matched:.2f}x (mixed / one {method_for_peft('PROMPT_TUNING')} task: {rates['mixed@32'] / rates['one@32']:.2f}x)")
-    batch = summary["engine_32_rows_s"]
-    print(f"engine alone, one batch of 32 rows over the {len(tasks)} tasks: {batch['mixed']:.2f} s mixed, {batch['grouped_per_method']:.2f} s "
-          f"grouped per method (a batch per method) — mixed / grouped speed {batch['grouped_per_method'] / batch['mixed']:.2f}x")
-    print(f"\nHF + PEFT grouped per task ({summary['peft']['runs'][0]['tasks']} prompt-tuning tasks, 32 rows): ours (engine) is "
-          f"{summary['peft']['ours_over_peft_speed']:.2f}x faster.\n\nwrote {out}")
+    print_tables(summary)
+    print(f"\nwrote {out}")
     return 0
 
 
