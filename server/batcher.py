@@ -209,11 +209,10 @@ class Batcher(Generic[T]):
                     await self._gather()
                 batch = self._take_batch()
                 if batch:
-                    if self.observe is not None:
-                        started = time.monotonic()
-                        self.observe(BatchStats(len(batch), [started - item.queued for item in batch], self._dropped))
-                        self._dropped = 0
                     began = time.monotonic()
+                    if self.observe is not None:
+                        self.observe(BatchStats(len(batch), [began - item.queued for item in batch], self._dropped))
+                        self._dropped = 0
                     answered = await loop.run_in_executor(self._executor, self._run, batch)
                     self._lone = len(batch) == 1 and all(item.queued >= answered for item in self._queue)
                     self._last = (len(batch), answered + self.config.return_wait * (answered - began))
