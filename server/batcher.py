@@ -227,8 +227,7 @@ class Batcher(Generic[T]):
         of ms — or `return_wait` of that batch's engine time has passed since its answers went out."""
         if self._lone:
             return
-        rows, returns_by = self._last
-        expected = min(rows, self.config.max_rows)
+        expected, returns_by = self._last  # a batch never holds more than max_rows
         window_closes = self._queue[0].queued + self.config.max_wait_ms / 1000
         while len(self._queue) < self.config.max_rows and not self._closing:
             now = time.monotonic()
