@@ -4,11 +4,16 @@ Starts `taskserve serve` on a scratch store seeded with the demo tasks (no worke
   1. single-row latency, p50 / p99 per method, sequential requests of a ~30-token review;
   2. throughput (rows/s) and p99 at concurrency 1 / 8 / 32: rows over all demo tasks mixed vs the
      same rows all on one task;
-  3. the same single rows through the engine alone in this process (no HTTP, no batcher), so the
-     cost of the API + batcher is a ratio — with the server's torch threads and with one thread,
-     interleaved (1 vs 2 threads side by side);
+  3. the cost of the API + batcher as a ratio: the same requests' time inside the server's engine
+     (`taskserve_batch_seconds`, read around each sequential run) — and the same single rows through
+     an engine alone in this process (no HTTP, no batcher), with the server's torch threads and with
+     one thread, interleaved (1 vs 2 threads side by side). The in-server ratio is the one to read:
+     it times the very requests, while this process's engine runs at another moment of a noisy
+     machine, and right after it its OpenMP threads still spin (a few ms) beside the server's;
   5. a `plain` task (the backbone alone, the prompt-tuning task's template) as the reference row: a
      prompt-tuning / TPV row over a plain row of the same input is what their soft prompt costs;
+     For each concurrency run the server's counters say how many rows a batch had, the engine's
+     time per row and how busy the engine was (its seconds over the run's);
   6. at concurrency 32, one-task throughput for a task of each method, combined in the mix's own
      proportions (rows are spread evenly over the mixed tasks, so 1 / Σ_m f_m / rate_m, f_m the
      share of method m's tasks): what the same rows would cost served one task at a time, so
@@ -89,6 +94,24 @@ async def sequential(url: str, tasks: list[str], n: int) -> list[float]:
             r.raise_for_status()
             times.append(time.perf_counter() - t0)
         return times
+
+
+def batch_counters(url: str) -> dict[str, float]:
+    """The server's batch counters: batches run, rows in them, the engine's seconds on them."""
+    wanted = {"taskserve_batch_rows_count": "batches", "taskserve_batch_rows_sum": "rows", "taskserve_batch_seconds_sum": "engine_s"}
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            out[wanted[name]] = float(value)
+    return out
+
+
+def measured(url: str, fn):
+    """`fn()`'s value and what the server's batch counters moved by while it ran."""
+    before = batch_counters(url)
+    value = fn()
+    return value, {k: v - before[k] for k, v in batch_counters(url).items()}
 
 
 async def concurrent(url: str, tasks: list[str], concurrency: int, n: int) -> tuple[float, list[float]]:
@@ -183,15 +206,22 @@ def print_tables(summary: dict) -> None:
     n_tasks = summary["tasks"]
     lat, rates, threads, wait = summary["latency_ms"], summary["throughput_rows_s"], summary["threads"], summary["max_wait_ms"]
     print(f"### taskserve over HTTP on {summary['device']} ({summary['dtype']}{f', max_wait_ms {wait}' if wait else ''}); {summary['note']}\n")
-    print(f"| method | HTTP p50 ms | HTTP p99 ms | engine alone p50 ms | HTTP / engine | over plain (HTTP) | over plain (engine) | engine, 1 thread p50 ms | 1 / {threads} threads |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| method | HTTP p50 ms | HTTP p99 ms | HTTP / engine in the server | engine alone p50 ms | HTTP / engine alone | over plain (HTTP) | over plain (engine) "
+          f"| engine, 1 thread p50 ms | 1 / {threads} threads |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m, v in lat.items():
-        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x | {v['p50'] / lat[PLAIN]['p50']:.2f}x "
+        in_server = f"{v['http_over_server_engine']:.2f}x" if "http_over_server_engine" in v else "–"
+        print(f"| {m} | {v['p50']:.0f} | {v['p99']:.0f} | {in_server} | {v['engine_p50']:.0f} | {v['p50'] / v['engine_p50']:.2f}x | {v['p50'] / lat[PLAIN]['p50']:.2f}x "
               f"| {v['engine_p50'] / lat[PLAIN]['engine_p50']:.2f}x | {v['engine_1_thread_p50']:.0f} | {v['engine_1_thread_p50'] / v['engine_p50']:.2f}x |")
-    print("\n| concurrency | mixed rows/s | one-task rows/s | mixed / one | mixed p99 ms | one p99 ms |\n|---:|---:|---:|---:|---:|---:|")
+    batches = summary.get("batches", {})
+    print("\n| concurrency | mixed rows/s | one-task rows/s | mixed / one | mixed p99 ms | one p99 ms | rows a batch, mixed / one | engine ms a row, mixed / one | engine busy, mixed / one |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in (1, 8, 32):
         mixed, single = rates[f"mixed@{c}"], rates[f"one@{c}"]
-        print(f"| {c} | {mixed:.1f} | {single:.1f} | {mixed / single:.2f}x | {summary['p99_ms'][f'mixed@{c}']:.0f} | {summary['p99_ms'][f'one@{c}']:.0f} |")
+        b = [batches.get(f"{label}@{c}") for label in ("mixed", "one")]
+        shape = (f"{b[0]['rows_per_batch']:.1f} / {b[1]['rows_per_batch']:.1f} | {1000 * b[0]['engine_s_per_row']:.0f} / {1000 * b[1]['engine_s_per_row']:.0f} "
+                 f"| {b[0]['engine_busy']:.0%} / {b[1]['engine_busy']:.0%}") if all(b) else "– | – | –"
+        print(f"| {c} | {mixed:.1f} | {single:.1f} | {mixed / single:.2f}x | {summary['p99_ms'][f'mixed@{c}']:.0f} | {summary['p99_ms'][f'one@{c}']:.0f} | {shape} |")
     print("\n| at concurrency 32 | rows/s | share of the mix |\n|---|---:|---:|")
     for m, share in summary["mix_share"].items():
         print(f"| one {m} task | {rates[f'{m}@32']:.1f} | {share:.0%} |")
@@ -247,16 +277,20 @@ def main(argv: list[str] | None = None) -> int:
         prompt_tasks = [n for n in tasks if methods_of[n] == method_for_peft("PROMPT_TUNING")]
         peft_run = peft_way(engine, prompt_tasks)
         results: dict = {"latency": defaultdict(list), "engine": defaultdict(list), "engine_1t": defaultdict(list), "throughput": defaultdict(list), "p99": defaultdict(list), "peft": [],
-                   "engine_mixed": [], "engine_grouped": []}
+                   "engine_mixed": [], "engine_grouped": [], "http_s": defaultdict(float), "server_engine_s": defaultdict(float), "batches": defaultdict(list)}
         for _ in range(args.rounds):  # every configuration once per round: background load hits all alike
             for method, name in by_method.items():
-                results["latency"][method] += asyncio.run(sequential(url, [name], args.requests))
+                times, moved = measured(url, lambda name=name: asyncio.run(sequential(url, [name], args.requests)))
+                results["latency"][method] += times
+                results["http_s"][method] += sum(times)
+                results["server_engine_s"][method] += moved["engine_s"]  # the same requests' batches, timed inside the server
                 results["engine"][method] += alone(method)
                 results["engine_1t"][method] += alone(method, threads=1)
             for concurrency in (1, 8, 32):
                 for label, pool in (("mixed", tasks), ("one", [one])):
-                    rate, lats = asyncio.run(concurrent(url, pool, concurrency, args.rows))
+                    (rate, lats), moved = measured(url, lambda pool=pool, c=concurrency: asyncio.run(concurrent(url, pool, c, args.rows)))
                     results["throughput"][f"{label}@{concurrency}"].append(rate)
+                    results["batches"][f"{label}@{concurrency}"].append({**moved, "wall_s": args.rows / rate})
                     results["p99"][f"{label}@{concurrency}"].append(percentile(lats, 0.99))
             for method in mix_share:
                 results["throughput"][f"{method}@32"].append(asyncio.run(concurrent(url, [by_method[method]], 32, args.rows))[0])
@@ -276,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name("cpu"), "dtype": args.dtype, "note": args.note, "rounds": args.rounds, "max_wait_ms": args.max_wait_ms,
         "threads": engine_threads, "tasks": len(tasks),
         "latency_ms": {m: {"p50": 1000 * statistics.median(v), "p99": 1000 * percentile(v, 0.99), "engine_p50": 1000 * statistics.median(results["engine"][m]),
-                           "engine_1_thread_p50": 1000 * statistics.median(results["engine_1t"][m])} for m, v in results["latency"].items()},
+                           "engine_1_thread_p50": 1000 * statistics.median(results["engine_1t"][m]),
+                           "http_over_server_engine": results["http_s"][m] / results["server_engine_s"][m]} for m, v in results["latency"].items()},
+        "batches": {k: {"rows_per_batch": sum(r["rows"] for r in v) / sum(r["batches"] for r in v), "engine_s_per_row": sum(r["engine_s"] for r in v) / sum(r["rows"] for r in v),
+                        "engine_busy": sum(r["engine_s"] for r in v) / sum(r["wall_s"] for r in v)} for k, v in results["batches"].items()},
         "throughput_rows_s": {k: statistics.median(v) for k, v in results["throughput"].items()},
         "mix_share": mix_share,
         "engine_32_rows_s": {"mixed": statistics.median(results["engine_mixed"]), "grouped_per_method": statistics.median(results["engine_grouped"])},

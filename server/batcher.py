@@ -106,10 +106,13 @@ class Batcher(Generic[T]):
         run_batch: Callable[[Sequence[T]], list[Any]],
         config: BatcherConfig | None = None,
         observe: Callable[[BatchStats], None] | None = None,
+        observe_run: Callable[[float], None] | None = None,
     ) -> None:
         """`run_batch(payloads)` returns one outcome per payload: a result, or an exception
-        instance that becomes that row's error. `observe` sees every executed batch."""
-        self.run_batch, self.config, self.observe = run_batch, config or BatcherConfig(), observe
+        instance that becomes that row's error. `observe` sees every batch as it starts,
+        `observe_run` the engine's seconds on it once it ran (its first pass, for rows that go on
+        generating)."""
+        self.run_batch, self.config, self.observe, self.observe_run = run_batch, config or BatcherConfig(), observe, observe_run
         self._queue: deque[_Item[T]] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -213,7 +216,9 @@ class Batcher(Generic[T]):
                     if self.observe is not None:
                         self.observe(BatchStats(len(batch), [began - item.queued for item in batch], self._dropped))
                         self._dropped = 0
-                    answered = await loop.run_in_executor(self._executor, self._run, batch)
+                    engine_seconds, answered = await loop.run_in_executor(self._executor, self._run, batch)
+                    if self.observe_run is not None:
+                        self.observe_run(engine_seconds)
                     self._lone = len(batch) == 1 and all(item.queued >= answered for item in self._queue)
                     self._last = (len(batch), answered + self.config.return_wait * (answered - began))
             if self._active:  # one token for every generating batch, then look at the queue again
@@ -240,9 +245,11 @@ class Batcher(Generic[T]):
             except TimeoutError:
                 return
 
-    def _run(self, batch: list[_Item[T]]) -> float:
+    def _run(self, batch: list[_Item[T]]) -> tuple[float, float]:
         """On the engine thread: run the batch; if the call fails as a whole, run each row alone.
-        Returns when (monotonic) its answers were handed over: rows queued later came after them."""
+        Returns the engine's seconds on it, and when (monotonic) its answers were handed over: rows
+        queued later came after them."""
+        started = time.monotonic()
         try:
             answer = self.run_batch([item.payload for item in batch])
             if isinstance(answer, Partial):
@@ -262,7 +269,7 @@ class Batcher(Generic[T]):
         answered = time.monotonic()
         for item, outcome in outcomes:
             item.future.get_loop().call_soon_threadsafe(self._settle_or_defer, item, outcome)
-        return answered
+        return answered - started, answered
 
     def _settle_or_defer(self, item: _Item[T], outcome: Any) -> None:
         """On the event loop: settle a row, or — answered by a Future — when that resolves."""

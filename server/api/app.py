@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         metrics.watch(eng.tasks)
         config = BatcherConfig(max_rows=settings.max_batch_rows, max_chars=settings.max_batch_chars, max_wait_ms=settings.max_wait_ms,
                                max_queue=settings.max_queue, default_timeout_s=settings.request_timeout_s, return_wait=settings.return_wait)
-        batcher = Batcher(_batch_function(eng), config, observe=metrics.observe_batch)
+        batcher = Batcher(_batch_function(eng), config, observe=metrics.observe_batch, observe_run=metrics.batch_seconds.observe)
         state = AppState(settings, eng, store, batcher, metrics)
         app.state.taskserve = state
         seeded = await asyncio.to_thread(store.seed, settings.seed_store)

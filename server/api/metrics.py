@@ -23,6 +23,8 @@ class Metrics:
         self.latency = Histogram("taskserve_request_seconds", "Prediction request latency", ["route"], registry=self.registry)
         self.queue_time = Histogram("taskserve_queue_seconds", "Time a row waited before its batch ran", registry=self.registry)
         self.batch_rows = Histogram("taskserve_batch_rows", "Rows per executed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.batch_seconds = Histogram("taskserve_batch_seconds", "Engine time per executed batch (its first pass, for rows that go on generating)",
+                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
         self.dropped = Counter("taskserve_rows_dropped_total", "Rows dropped before they ran (deadline passed, caller gone, a sibling row failed)", registry=self.registry)
         self.predictions = Counter("taskserve_predictions_total", f"Predicted rows by task (past task_series tasks: task {OTHER_TASKS}) and outcome", ["task", "outcome"], registry=self.registry)
         self.tasks_loaded = Gauge("taskserve_tasks_loaded", "Tasks the engine serves", registry=self.registry)

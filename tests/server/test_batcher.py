@@ -93,6 +93,25 @@ def test_a_row_after_a_lone_batch_skips_the_window_and_company_brings_it_back() 
     assert b < 0.5 * window
 
 
+def test_observe_run_sees_each_batchs_engine_time() -> None:
+    """`observe_run` gets the seconds `run_batch` took, once per executed batch, after it ran."""
+    def slow(rows):
+        time.sleep(0.05 * len(rows))
+        return list(rows)
+
+    async def main():
+        seen: list[float] = []
+        batcher = Batcher(slow, BatcherConfig(max_rows=8, max_wait_ms=200), observe_run=seen.append)
+        await asyncio.gather(*(batcher.submit(i) for i in range(3)))  # one batch of three rows
+        await batcher.submit("alone")
+        await batcher.close()
+        return seen
+
+    seen = asyncio.run(main())
+    assert len(seen) == 2
+    assert 0.15 <= seen[0] < 0.3 and 0.05 <= seen[1] < 0.15  # the batch's run, not its 200 ms window
+
+
 def test_the_next_batch_waits_for_the_rows_its_clients_bring_back() -> None:
     """Closed-loop clients come back after their answers spread over more than the window: with
     `return_wait` the next batch waits for as many rows as the last one had (bounded by a share of
