@@ -107,8 +107,8 @@ class Learned:
     final-fit check weighs the training against the untrained candidates, or none asked for)."""
     final_fit: dict[str, float] = field(default_factory=dict)
     """The final fit's accuracy, misfit and row count on the examples it trained on (the first
-    `eval_rows` of them, as every validation in the trainer; empty when
-    no trained step was chosen)."""
+    `eval_rows` of them, as every validation in the trainer; with `soup`, the soup's on all of
+    them; empty when no trained step was chosen)."""
 
     @property
     def validation(self) -> dict[str, float]:
@@ -126,13 +126,17 @@ def learn(
     *,
     folds: int = 2,
     guard: bool = True,
+    soup: bool = False,
     on_progress: Callable[[str, Progress], None] | None = None,
     checkpoints: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Learned:
     """A new task from `examples` with selection by cross-validation and the zero-shot guard (see
     the module docstring). `on_progress(phase, progress)` sees every step, `progress.step` counting
-    across phases; `checkpoints` (a folder) makes a restarted run resume phase by phase."""
+    across phases; `checkpoints` (a folder) makes a restarted run resume phase by phase. `soup`
+    publishes the uniform average of the final fit's trained values and the folds' (each at its
+    best held-out step) — a model soup (Wortsman et al., 2022) of fits from one start (an
+    experiment, off by default: docs/results.md)."""
     scratch = _scratch(name)
     rows = [Example(scratch, e.text, e.target) for e in examples]
     recipe = recipe_for(method)
@@ -165,10 +169,13 @@ def learn(
         selection = {START: _scores(engine, start, rows), **_zero_shot_candidates(engine, method, spec, rows)}
         return _checked(engine, name, start, task, _scores(engine, task, rows), trained, result.steps, selection, notes, 0)
 
-    curves = []
+    curves, fold_values = [], []
     for i, held in enumerate(parts):
         train_part = [e for j, part in enumerate(parts) if j != i for e in part]
-        curves.append(run(f"fold {i + 1}", start.on(engine.backbone.device), train_part, held, eval_at_start=True).history)
+        fold = start.on(engine.backbone.device)
+        curves.append(run(f"fold {i + 1}", fold, train_part, held, eval_at_start=True).history)
+        if soup:  # the fold's values at its best held-out step (the trainer keeps them)
+            fold_values.append([t.param.detach().clone() for t in recipe.trainables(fold)])
     selection = _pool(curves)
     if guard:
         selection.update(_zero_shot_candidates(engine, method, spec, rows))
@@ -189,6 +196,11 @@ def learn(
     notes["final_fit"] = (f"{fitted.steps} steps on all {len(rows)} examples: at least {least} (the passes over each example the folds made in "
                           f"{fold_steps} steps on {fold_rows:g}, within the schedule's {config.steps}), then on until it fit every example"
                           + ("" if final_fit["accuracy"] >= 1.0 else " — it had not by the schedule's end"))
+    if soup:
+        for i, trainable in enumerate(recipe.trainables(task)):
+            trainable.param.data.copy_(sum(values[i] for values in fold_values).add_(trainable.param.detach()).div_(len(fold_values) + 1))
+        final_fit = _scores(engine, task, rows)  # the soup's fit of the examples, what the check weighs
+        notes["soup"] = f"published the average of the final fit and the {len(fold_values)} folds' fits (each at its best held-out step)"
     return _checked(engine, name, start, task, final_fit, chosen, fitted.steps, selection, notes, len(parts), guard)
 
 

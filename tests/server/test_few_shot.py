@@ -14,7 +14,7 @@ from server.data.spec import TaskSpec
 from server.engine import Request
 from server.methods import recipe_for
 from server.task import Example
-from server.training.few_shot import START, _untrained_beating, final_fit_steps, learn
+from server.training.few_shot import START, _folds, _untrained_beating, final_fit_steps, learn
 from server.training.trainer import TrainConfig, train
 from server.training.workbench import Workbench
 
@@ -187,6 +187,27 @@ def test_a_final_fit_that_fits_its_own_examples_worse_than_the_start_is_not_publ
     zero_best = {**selection, "ip zero-shot": {"accuracy": 0.9, "nll": 0.3, "rows": 32}}
     assert _untrained_beating(zero_best, {"accuracy": 0.8, "nll": 0.4, "rows": 32}) == "ip zero-shot"
     assert _untrained_beating({"step 10": selection["step 10"]}, {"accuracy": 0.0, "nll": 9.0, "rows": 32}) is None  # guard off: nothing untrained
+
+
+def test_a_soup_publishes_the_average_of_the_final_fit_and_the_folds_fits() -> None:
+    """With `soup` the published values are the uniform mean of the final fit's and each fold's
+    (at its best held-out step), every fit replayed here on its own from the same start."""
+    engine = make_engine("llama")
+    rows = [Example("new", t, "positive" if i % 2 else "negative") for i, t in enumerate(TEXTS)]
+    config = TrainConfig(steps=12, batch_size=4, eval_every=4, seed=1)
+    final = learn(engine, "new", "prompt_tuning", SPEC, rows, {}, config, guard=False, soup=False)
+    souped = learn(engine, "new", "prompt_tuning", SPEC, rows, {}, config, guard=False, soup=True)
+    assert souped.chosen == final.chosen and souped.steps == final.steps and "soup" in souped.notes
+    recipe = recipe_for("prompt_tuning")
+    fits = [final.task.params["prompt"]]
+    for i, held in enumerate(_folds([dataclasses.replace(e, task="fold") for e in rows], 2, config.seed)):
+        part = [e for j, p in enumerate(_folds([dataclasses.replace(e, task="fold") for e in rows], 2, config.seed)) if j != i for e in p]
+        fold = recipe.few_shot(Workbench(engine), "fold", SPEC, [], {}, config.seed)[0].on("cpu")
+        with engine.tasks.temporary(fold):
+            train(engine, [fold], {"fold": part}, {"fold": held}, recipe.trainables(fold), config, eval_at_start=True)
+        fits.append(fold.params["prompt"].detach())
+    assert not torch.allclose(fits[1], fits[2])  # the folds trained on different halves
+    assert torch.allclose(souped.task.params["prompt"], sum(fits) / 3, atol=1e-6)
 
 
 def test_the_published_final_fit_is_scored_on_the_examples_it_trained_on() -> None:
