@@ -3,7 +3,8 @@
 Starts `taskserve serve` on a scratch store seeded with the demo tasks (no worker), then measures:
   1. single-row latency, p50 / p99 per method, sequential requests of a ~30-token review;
   2. throughput (rows/s) and p99 at concurrency 1 / 8 / 32: rows over all demo tasks mixed vs the
-     same rows all on one task;
+     same rows all on one task — and, from the server's counters, how many rows a batch had, the
+     engine's time per row and how busy the engine was (its seconds over the run's);
   3. the cost of the API + batcher as a ratio: the same requests' time inside the server's engine
      (`taskserve_batch_seconds`, read around each sequential run) — and the same single rows through
      an engine alone in this process (no HTTP, no batcher), with the server's torch threads and with
@@ -12,8 +13,6 @@ Starts `taskserve serve` on a scratch store seeded with the demo tasks (no worke
      machine, and right after it its OpenMP threads still spin (a few ms) beside the server's;
   5. a `plain` task (the backbone alone, the prompt-tuning task's template) as the reference row: a
      prompt-tuning / TPV row over a plain row of the same input is what their soft prompt costs;
-     For each concurrency run the server's counters say how many rows a batch had, the engine's
-     time per row and how busy the engine was (its seconds over the run's);
   6. at concurrency 32, one-task throughput for a task of each method, combined in the mix's own
      proportions (rows are spread evenly over the mixed tasks, so 1 / Σ_m f_m / rate_m, f_m the
      share of method m's tasks): what the same rows would cost served one task at a time, so
@@ -277,12 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         prompt_tasks = [n for n in tasks if methods_of[n] == method_for_peft("PROMPT_TUNING")]
         peft_run = peft_way(engine, prompt_tasks)
         results: dict = {"latency": defaultdict(list), "engine": defaultdict(list), "engine_1t": defaultdict(list), "throughput": defaultdict(list), "p99": defaultdict(list), "peft": [],
-                   "engine_mixed": [], "engine_grouped": [], "http_s": defaultdict(float), "server_engine_s": defaultdict(float), "batches": defaultdict(list)}
+                   "engine_mixed": [], "engine_grouped": [], "server_engine_s": defaultdict(float), "batches": defaultdict(list)}
         for _ in range(args.rounds):  # every configuration once per round: background load hits all alike
             for method, name in by_method.items():
                 times, moved = measured(url, lambda name=name: asyncio.run(sequential(url, [name], args.requests)))
                 results["latency"][method] += times
-                results["http_s"][method] += sum(times)
                 results["server_engine_s"][method] += moved["engine_s"]  # the same requests' batches, timed inside the server
                 results["engine"][method] += alone(method)
                 results["engine_1t"][method] += alone(method, threads=1)
@@ -311,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": engine_threads, "tasks": len(tasks),
         "latency_ms": {m: {"p50": 1000 * statistics.median(v), "p99": 1000 * percentile(v, 0.99), "engine_p50": 1000 * statistics.median(results["engine"][m]),
                            "engine_1_thread_p50": 1000 * statistics.median(results["engine_1t"][m]),
-                           "http_over_server_engine": results["http_s"][m] / results["server_engine_s"][m]} for m, v in results["latency"].items()},
+                           "http_over_server_engine": sum(v) / results["server_engine_s"][m]} for m, v in results["latency"].items()},
         "batches": {k: {"rows_per_batch": sum(r["rows"] for r in v) / sum(r["batches"] for r in v), "engine_s_per_row": sum(r["engine_s"] for r in v) / sum(r["rows"] for r in v),
                         "engine_busy": sum(r["engine_s"] for r in v) / sum(r["wall_s"] for r in v)} for k, v in results["batches"].items()},
         "throughput_rows_s": {k: statistics.median(v) for k, v in results["throughput"].items()},

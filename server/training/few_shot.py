@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from server.data.readers import LabeledText
@@ -198,7 +199,7 @@ def learn(
                           + ("" if final_fit["accuracy"] >= 1.0 else " — it had not by the schedule's end"))
     if soup:
         for i, trainable in enumerate(recipe.trainables(task)):
-            trainable.param.data.copy_(sum(values[i] for values in fold_values).add_(trainable.param.detach()).div_(len(fold_values) + 1))
+            trainable.param.data.copy_(torch.stack([trainable.param.detach(), *(values[i] for values in fold_values)]).mean(0))
         final_fit = _scores(engine, task, rows)  # the soup's fit of the examples, what the check weighs
         notes["soup"] = f"published the average of the final fit and the {len(fold_values)} folds' fits (each at its best held-out step)"
     return _checked(engine, name, start, task, final_fit, chosen, fitted.steps, selection, notes, len(parts), guard)

@@ -200,8 +200,9 @@ def test_a_soup_publishes_the_average_of_the_final_fit_and_the_folds_fits() -> N
     assert souped.chosen == final.chosen and souped.steps == final.steps and "soup" in souped.notes
     recipe = recipe_for("prompt_tuning")
     fits = [final.task.params["prompt"]]
-    for i, held in enumerate(_folds([dataclasses.replace(e, task="fold") for e in rows], 2, config.seed)):
-        part = [e for j, p in enumerate(_folds([dataclasses.replace(e, task="fold") for e in rows], 2, config.seed)) if j != i for e in p]
+    parts = _folds([dataclasses.replace(e, task="fold") for e in rows], 2, config.seed)
+    for i, held in enumerate(parts):
+        part = [e for j, p in enumerate(parts) if j != i for e in p]
         fold = recipe.few_shot(Workbench(engine), "fold", SPEC, [], {}, config.seed)[0].on("cpu")
         with engine.tasks.temporary(fold):
             train(engine, [fold], {"fold": part}, {"fold": held}, recipe.trainables(fold), config, eval_at_start=True)

@@ -278,20 +278,16 @@ def test_a_multi_row_request_with_a_bad_row_fails_before_any_row_runs(server) ->
     assert _batches_run(url) > before
 
 
-def _metric(url: str, name: str) -> float:
-    return float(next(line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(f"{name} ")).split()[-1])
-
-
 def test_queue_time_and_engine_time_are_observed(server) -> None:
     url, _, _ = server
-    batches, engine_s, request_s = (_metric(url, n) for n in ("taskserve_batch_seconds_count", "taskserve_batch_seconds_sum", 'taskserve_request_seconds_sum{route="predict"}'))
+    batches, engine_s, request_s = (_gauge(url, n) for n in ("taskserve_batch_seconds_count", "taskserve_batch_seconds_sum", 'taskserve_request_seconds_sum{route="predict"}'))
     started = time.monotonic()
     assert httpx.post(f"{url}/v1/predict", json={"task": "sent-ip", "text": "fine"}).status_code == 200
     took = time.monotonic() - started
-    assert _metric(url, "taskserve_queue_seconds_count") >= 1
-    assert _metric(url, "taskserve_batch_seconds_count") == batches + 1  # one request, one batch
-    engine = _metric(url, "taskserve_batch_seconds_sum") - engine_s
-    assert 0 < engine <= _metric(url, 'taskserve_request_seconds_sum{route="predict"}') - request_s <= took  # the engine's share of what the caller waited
+    assert _gauge(url, "taskserve_queue_seconds_count") >= 1
+    assert _gauge(url, "taskserve_batch_seconds_count") == batches + 1  # one request, one batch
+    engine = _gauge(url, "taskserve_batch_seconds_sum") - engine_s
+    assert 0 < engine <= _gauge(url, 'taskserve_request_seconds_sum{route="predict"}') - request_s <= took  # the engine's share of what the caller waited
 
 
 def test_unversioned_aliases_route_to_the_same_handlers(server) -> None:
