@@ -43,7 +43,7 @@ from server.decoding import GREEDY, Decoding, Generated, Sampling, TokenEvent
 from server.errors import Incompatible, InputTooLong, InvalidRequest, NonFinite, TaskservError
 from server.hooks import ContextHooks
 from server.methods import BackboneDims, Method, RowGroup, method_class
-from server.passes import PADDED_POSITION_COST, split_by_length
+from server.passes import MASKED_PAST_KEY_COST, PADDED_POSITION_COST, split_passes
 from server.runners import DecoderRunner, Encoded, FormRequest, Seq2SeqRunner, pad_ids
 from server.task import Example, Request, Task
 from server.task_table import LoadedTask, ModuleKey, TaskTable
@@ -302,16 +302,18 @@ class Engine:
     def passes(self, plan: Plan) -> list[list[int]]:
         """The plan's rows split into first passes by the length each really runs at — its tokens
         plus the positions its method puts before them (none for a prompt whose keys/values are
-        cached) — where the padding saved pays for the extra passes (`server.passes`; padding
-        costs a quarter of a real position: the layers' products skip it)."""
+        cached) — and by the cached past each attends to, where the padding and masked past keys
+        saved pay for the extra passes (`server.passes`; padding costs a quarter of a real
+        position: the layers' products skip it)."""
         method = {r: group.method for group in plan.groups.values() for r in group.rows}
-        lengths = [len(ids) + (0 if self.tasks.caches_prefix(method[r]) else method[r].prefix_positions(task))
-                   for r, (ids, task) in enumerate(zip(plan.prompt_ids, plan.tasks))]
+        prefix = [method[r].prefix_positions(task) for r, task in enumerate(plan.tasks)]
+        past = [n if self.tasks.caches_prefix(method[r]) else 0 for r, n in enumerate(prefix)]
+        lengths = [len(ids) + n - cached for ids, n, cached in zip(plan.prompt_ids, prefix, past)]
         steps = [0 if task.spec.is_classification else plan.max_new[r] for r, task in enumerate(plan.tasks)]
         overhead = self.config.pass_overhead_tokens
         if overhead is None:
             overhead = 50 if self.backbone.device.type == "cpu" else 4096
-        return split_by_length(lengths, steps, overhead, PADDED_POSITION_COST)
+        return split_passes(lengths, steps, past, overhead, PADDED_POSITION_COST, MASKED_PAST_KEY_COST)
 
     def check(self, requests: list[Request]) -> None:
         """Raise what `schedule` would raise for these rows, without planning them."""
