@@ -41,7 +41,7 @@ MASKED_PAST_KEY_COST = 0.006  # per masked past key, per query position
 def split_passes(lengths: Sequence[int], steps: Sequence[int], past: Sequence[int], overhead: float,
                  padding: float = 1.0, masked_key: float = 0.0) -> list[list[int]]:
     """`split_by_length` over all rows, or over the rows of each cached-past width apart, whichever
-    `plan_cost` finds cheaper (ties: all rows together, fewer passes). `past[r]`: the cached
+    `plan_cost` finds cheaper (ties: by length alone). `past[r]`: the cached
     positions row r attends to before its own (0: none); `masked_key`: what a row pays for each
     position of its pass's widest past that is not its own, per position of its own."""
     whole = split_by_length(lengths, steps, overhead, padding)
